@@ -1,0 +1,415 @@
+//! The virtio-iommu device: features, configuration space, queues,
+//! endpoints, snapshot. Transport-agnostic: the VMM owns the virtqueues and
+//! the interrupts and calls in when the driver notifies or a drain ends.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use virtio_queue::QueueT;
+use vm_memory::{ByteValued, GuestMemory};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::address_space::DomainEntry;
+use crate::address_space::{AddressSpace, EndpointError};
+use crate::config::{ConfigError, IommuConfig, ReservedRegion};
+use crate::engine::RequestEngine;
+use crate::events::{self, FaultQueue};
+use crate::mapper::ExternalMapper;
+use crate::metrics::Metrics;
+use crate::protocol::{features::*, Range32, Range64, VirtioIommuConfig, CONFIG_BYPASS_OFFSET};
+use crate::state::{self, DomainState, EndpointState, IommuState, StateError, STATE_VERSION};
+use crate::sync::{lock, write, Arc};
+use crate::tracker::{wait_with_grace, Domain, Drain, Shared};
+use crate::translate::EndpointHandle;
+
+/// Default (and maximum) virtqueue size.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Errors of device construction and setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// An eventfd could not be created.
+    #[error("eventfd: {0}")]
+    EventFd(#[from] std::io::Error),
+    /// Queue access failed.
+    #[error("virtqueue: {0:?}")]
+    Queue(virtio_queue::Error),
+}
+
+/// Per-endpoint options.
+#[derive(Default)]
+pub struct EndpointOptions {
+    /// Where MAP/UNMAP in the endpoint's domain are propagated (VFIO).
+    pub mapper: Option<Arc<dyn ExternalMapper>>,
+    /// Reserved regions of this endpoint besides the device-wide ones.
+    pub reserved_regions: Vec<ReservedRegion>,
+}
+
+/// A virtio-iommu device with blocking invalidation.
+pub struct VirtioIommu {
+    config: IommuConfig,
+    avail_features: u64,
+    acked_features: u64,
+    space: AddressSpace,
+    engine: RequestEngine,
+    shared: Arc<Shared>,
+    drain_evt: Arc<EventFd>,
+    fault_evt: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for VirtioIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioIommu")
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
+            .field("domains", &self.space.domain_count())
+            .field("mappings", &self.space.mapping_count())
+            .field("engine", &self.engine)
+            .finish()
+    }
+}
+
+impl VirtioIommu {
+    /// Creates a device with `config`.
+    pub fn new(config: IommuConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared {
+            bypass: std::sync::atomic::AtomicBool::new(config.bypass),
+            metrics,
+            faults: FaultQueue::new(config.limits.max_pending_faults),
+            limits: config.limits,
+        });
+        let drain_evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let fault_evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        shared.faults.set_notifier(Some(fault_evt.clone()));
+        let mut space = AddressSpace::new(config.clone(), shared.clone());
+        space.set_drain_notifier(Some(drain_evt.clone()));
+        let mut avail = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_IOMMU_F_INPUT_RANGE)
+            | (1 << VIRTIO_IOMMU_F_DOMAIN_RANGE)
+            | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)
+            | (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG);
+        if config.offer_probe {
+            avail |= 1 << VIRTIO_IOMMU_F_PROBE;
+        }
+        if config.offer_mmio {
+            avail |= 1 << VIRTIO_IOMMU_F_MMIO;
+        }
+        Ok(VirtioIommu {
+            config,
+            avail_features: avail,
+            acked_features: 0,
+            space,
+            engine: RequestEngine::default(),
+            shared,
+            drain_evt,
+            fault_evt,
+        })
+    }
+
+    /// The virtio device type (23).
+    pub fn device_type(&self) -> u32 {
+        crate::protocol::VIRTIO_ID_IOMMU
+    }
+
+    /// Maximum sizes of the request and event queues.
+    pub fn queue_max_sizes(&self) -> [u16; 2] {
+        [QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    /// The configuration the device was created with.
+    pub fn config(&self) -> &IommuConfig {
+        &self.config
+    }
+
+    /// Features the device offers.
+    pub fn device_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    /// Records the driver's acknowledged features (unoffered bits are dropped).
+    pub fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    /// Features negotiated with the driver.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn config_space(&self) -> VirtioIommuConfig {
+        VirtioIommuConfig {
+            page_size_mask: self.config.page_size_mask.into(),
+            input_range: Range64 {
+                start: 0u64.into(),
+                end: self.config.input_end().into(),
+            },
+            domain_range: Range32 {
+                start: self.config.domain_start.into(),
+                end: self.config.domain_end.into(),
+            },
+            probe_size: self.config.probe_size.into(),
+            bypass: u8::from(self.shared.bypass.load(Ordering::Acquire)),
+            reserved: [0; 3],
+        }
+    }
+
+    /// Reads the configuration space; bytes beyond it read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        let bytes = cfg.as_slice();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| bytes.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes the configuration space. Only `bypass` is writable, only
+    /// with `F_BYPASS_CONFIG` negotiated, and only with 0 or 1; everything
+    /// else is ignored.
+    ///
+    /// Turning bypass off blocks the caller until DMA in flight through the
+    /// identity translation of unattached endpoints has drained (revoking
+    /// it after the grace period): a config write has no reply to delay.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.acked_features & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) == 0 {
+            return;
+        }
+        if offset != CONFIG_BYPASS_OFFSET as u64 || data.is_empty() || data[0] > 1 {
+            log::warn!("virtio-iommu: ignored config write at {offset:#x}");
+            return;
+        }
+        if let Some(d) = self.space.set_bypass(data[0] == 1) {
+            wait_with_grace(&d, self.config.revoke_grace);
+        }
+    }
+
+    /// Registers endpoint `id` (for PCI: segment << 16 | BDF) and returns
+    /// its translation handle.
+    pub fn add_endpoint(&mut self, id: u32) -> Result<EndpointHandle, EndpointError> {
+        self.add_endpoint_with(id, EndpointOptions::default())
+    }
+
+    /// Registers endpoint `id` with options.
+    pub fn add_endpoint_with(
+        &mut self,
+        id: u32,
+        opts: EndpointOptions,
+    ) -> Result<EndpointHandle, EndpointError> {
+        self.space
+            .add_endpoint(id, opts.mapper, opts.reserved_regions)
+    }
+
+    /// The handle of a registered endpoint.
+    pub fn endpoint(&self, id: u32) -> Option<EndpointHandle> {
+        self.space.endpoint(id)
+    }
+
+    /// The address space (read-only view for inspection).
+    pub fn address_space(&self) -> &AddressSpace {
+        &self.space
+    }
+
+    /// Handles the request queue: publishes a parked reply whose drain has
+    /// completed, then executes available requests (see
+    /// [`crate::engine`] for the ordering). Call it when the driver
+    /// notifies the request queue and when [`VirtioIommu::drain_eventfd`]
+    /// fires. Returns whether used entries were added.
+    pub fn process_requests<Q: QueueT, M: GuestMemory>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+    ) -> Result<bool, Error> {
+        self.engine
+            .process(&mut self.space, self.acked_features, queue, mem)
+            .map_err(Error::Queue)
+    }
+
+    /// Writes pending fault records into the event queue. Call it when the
+    /// driver notifies the event queue and when
+    /// [`VirtioIommu::fault_eventfd`] fires.
+    pub fn process_events<Q: QueueT, M: GuestMemory>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+    ) -> Result<bool, Error> {
+        events::deliver(&self.shared.faults, &self.shared.metrics, queue, mem).map_err(Error::Queue)
+    }
+
+    /// Written when a parked request's drain completes.
+    pub fn drain_eventfd(&self) -> &EventFd {
+        &self.drain_evt
+    }
+
+    /// Written when a fault is queued for the event queue.
+    pub fn fault_eventfd(&self) -> &EventFd {
+        &self.fault_evt
+    }
+
+    /// Number of fault records waiting for event buffers.
+    pub fn pending_faults(&self) -> usize {
+        self.shared.faults.len()
+    }
+
+    /// The drain the parked request waits for, if any.
+    pub fn parked_drain(&self) -> Option<Arc<Drain>> {
+        self.engine.parked_drain().cloned()
+    }
+
+    /// When the parked request's holders should be asked to revoke.
+    pub fn revoke_deadline(&self) -> Option<Instant> {
+        self.engine
+            .parked_since()
+            .map(|t| t + self.config.revoke_grace)
+    }
+
+    /// Calls the revoke hooks of pins holding up the parked request if its
+    /// grace period has passed. Returns how many hooks were called.
+    pub fn revoke_overdue(&mut self, now: Instant) -> usize {
+        match (self.revoke_deadline(), self.engine.parked_drain()) {
+            (Some(deadline), Some(d)) if now >= deadline => d.revoke(),
+            _ => 0,
+        }
+    }
+
+    /// Blocks until the parked request (if any) may be published, revoking
+    /// after the grace period; for VMMs without an event loop.
+    pub fn wait_parked(&self) {
+        if let Some(d) = self.engine.parked_drain() {
+            wait_with_grace(d, self.config.revoke_grace);
+        }
+    }
+
+    /// Device reset: every endpoint detached, domains removed, the parked
+    /// request forgotten. `bypass` keeps its value. Blocks until the DMA in
+    /// flight through the removed translations has drained (revoking it
+    /// after the grace period).
+    pub fn reset(&mut self) {
+        self.engine.reset();
+        self.acked_features = 0;
+        if let Some(d) = self.space.reset() {
+            wait_with_grace(&d, self.config.revoke_grace);
+        }
+    }
+
+    /// System reset: [`VirtioIommu::reset`], and `bypass` back to its
+    /// initial value.
+    pub fn system_reset(&mut self) {
+        self.reset();
+        if let Some(d) = self.space.set_bypass(self.config.bypass) {
+            wait_with_grace(&d, self.config.revoke_grace);
+        }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Captures the guest-configured state. Fails while a request is parked.
+    pub fn snapshot(&self) -> Result<IommuState, StateError> {
+        if self.engine.parked_drain().is_some() {
+            return Err(StateError::Busy);
+        }
+        let endpoints = self
+            .space
+            .endpoints
+            .iter()
+            .map(|(&id, e)| EndpointState {
+                id,
+                domain: e.domain,
+            })
+            .collect();
+        let domains = self
+            .space
+            .domains
+            .iter()
+            .map(|(&id, d)| DomainState {
+                id,
+                bypass: d.dom.bypass,
+                mappings: crate::sync::read(&d.dom.mappings).iter().collect(),
+            })
+            .collect();
+        Ok(IommuState {
+            version: STATE_VERSION,
+            acked_features: self.acked_features,
+            config: self.config.clone(),
+            bypass: self.shared.bypass.load(Ordering::Acquire),
+            endpoints,
+            domains,
+        })
+    }
+
+    /// Restores a state taken by [`VirtioIommu::snapshot`] onto a freshly
+    /// created device whose endpoints are registered. The state is
+    /// validated completely before anything changes.
+    pub fn restore(&mut self, state: &IommuState) -> Result<(), StateError> {
+        if self.space.domain_count() != 0 || self.engine.parked_drain().is_some() {
+            return Err(StateError::NotFresh);
+        }
+        let regions: BTreeMap<u32, Vec<ReservedRegion>> = self
+            .space
+            .endpoints
+            .iter()
+            .map(|(&id, e)| (id, e.regions.clone()))
+            .collect();
+        let domains = state::validate(state, &self.config, self.avail_features, &regions)?;
+        // External mappers first: a refusal leaves the device untouched.
+        let mut mapped: Vec<(Arc<dyn ExternalMapper>, u64, u64)> = Vec::new();
+        for e in &state.endpoints {
+            let (Some(d), Some(mapper)) = (e.domain, self.space.endpoints[&e.id].mapper.clone())
+            else {
+                continue;
+            };
+            for m in domains[&d].1.iter() {
+                if mapper.map(m.iova, m.gpa, m.size(), m.flags).is_err() {
+                    for (mp, iova, size) in &mapped {
+                        let _ = mp.unmap(*iova, *size);
+                    }
+                    return Err(StateError::Mapper(e.id));
+                }
+                mapped.push((mapper.clone(), m.iova, m.size()));
+            }
+        }
+        let mut total = 0;
+        let mut doms = BTreeMap::new();
+        for (id, (bypass, tree)) in domains {
+            let uid = self.space.next_uid();
+            let dom = Arc::new(Domain::new(id, uid, bypass));
+            total += tree.len();
+            *write(&dom.mappings) = tree;
+            doms.insert(id, dom);
+        }
+        for e in &state.endpoints {
+            let entry = self.space.endpoints.get_mut(&e.id).expect("validated");
+            entry.domain = e.domain;
+            let dom = e.domain.map(|d| doms[&d].clone());
+            lock(&entry.core.state).domain = dom;
+            if let Some(d) = e.domain {
+                self.space
+                    .domains
+                    .entry(d)
+                    .or_insert_with(|| DomainEntry {
+                        dom: doms[&d].clone(),
+                        endpoints: Default::default(),
+                    })
+                    .endpoints
+                    .insert(e.id);
+            }
+        }
+        self.space.total_mappings = total;
+        self.acked_features = state.acked_features;
+        self.shared.bypass.store(state.bypass, Ordering::Release);
+        Ok(())
+    }
+}

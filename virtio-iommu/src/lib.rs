@@ -1,0 +1,69 @@
+//! A virtio-iommu device model with blocking invalidation.
+//!
+//! When the guest sends UNMAP, DETACH, or an ATTACH that moves an endpoint,
+//! this device publishes the reply only after every in-flight DMA that
+//! overlaps the invalidated translation has finished. Endpoint devices
+//! translate through an [`EndpointHandle`] and hold a [`Pin`] for as long
+//! as they use the host pointers; the [`tracker`] makes invalidations wait
+//! for the pins they overlap.
+//!
+//! The crate is transport- and VMM-agnostic: it depends on vm-memory,
+//! virtio-queue and vmm-sys-util only. A VMM creates a [`VirtioIommu`],
+//! registers endpoints, wires the request queue's notification to
+//! [`VirtioIommu::process_requests`] and watches
+//! [`VirtioIommu::drain_eventfd`] to publish replies whose drains completed.
+//!
+//! Modules, one concept each:
+//! - [`protocol`]: wire formats of the specification;
+//! - [`config`]: the VMM's configuration and limits;
+//! - [`mapping`]: the per-domain interval map;
+//! - [`tracker`]: pins, drains and revocation (the invariant);
+//! - [`translate`]: the endpoint handle, also a `vm_memory::Iommu`;
+//! - [`address_space`]: ATTACH/DETACH/MAP/UNMAP semantics;
+//! - [`engine`]: request queue parsing and ordering;
+//! - [`events`]: fault reporting;
+//! - [`mapper`]: propagation to external (VFIO) mappers;
+//! - [`state`]: snapshot and restore;
+//! - [`metrics`]: counters.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod mapping;
+pub mod metrics;
+pub mod protocol;
+mod sync;
+pub mod tracker;
+
+pub mod address_space;
+pub mod events;
+pub mod mapper;
+
+#[cfg(not(loom))]
+pub mod device;
+#[cfg(not(loom))]
+pub mod engine;
+#[cfg(not(loom))]
+pub mod state;
+#[cfg(not(loom))]
+pub mod translate;
+
+#[cfg(all(not(loom), any(test, feature = "test-utils")))]
+pub mod testing;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+
+pub use address_space::{AddressSpace, EndpointError, Outcome};
+pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
+#[cfg(not(loom))]
+pub use device::{EndpointOptions, Error, VirtioIommu, QUEUE_SIZE};
+pub use mapper::ExternalMapper;
+pub use mapping::{MapFlags, Mapping};
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use protocol::Status;
+#[cfg(not(loom))]
+pub use state::IommuState;
+pub use tracker::{Drain, GpaRange, Pin, RevokeHook, TranslateError};
+#[cfg(not(loom))]
+pub use translate::EndpointHandle;

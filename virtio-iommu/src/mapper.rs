@@ -1,0 +1,88 @@
+//! External mappers: endpoints whose DMA is not translated by this device
+//! model but by someone else (a VFIO container programming the physical
+//! IOMMU, a vDPA device). MAP and UNMAP in the endpoint's domain are
+//! propagated to its mapper; a failing mapper makes MAP fail with
+//! `S_DEVERR` and leaves no trace of the mapping.
+
+use std::fmt::Debug;
+use std::io;
+
+use crate::mapping::MapFlags;
+
+/// Receives the mappings of the domain an endpoint is attached to.
+pub trait ExternalMapper: Debug + Send + Sync {
+    /// Maps `[iova, iova + size)` to guest-physical `gpa` with `flags`.
+    fn map(&self, iova: u64, gpa: u64, size: u64, flags: MapFlags) -> io::Result<()>;
+    /// Unmaps `[iova, iova + size)`. When it returns, the external device
+    /// must not access the range any more (VFIO's UNMAP_DMA guarantees that).
+    fn unmap(&self, iova: u64, size: u64) -> io::Result<()>;
+}
+
+#[cfg(feature = "vfio")]
+pub use vfio::VfioMapper;
+
+#[cfg(feature = "vfio")]
+mod vfio {
+    //! A VFIO container as an external mapper.
+    //!
+    //! Only real hardware (a device bound to vfio-pci in the host) can run
+    //! this code; it is compiled in CI but exercised only by a VMM that
+    //! assigns a physical device.
+
+    use std::io;
+    use std::sync::Arc;
+
+    use vfio_ioctls::VfioContainer;
+    use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory};
+
+    use super::ExternalMapper;
+    use crate::mapping::MapFlags;
+
+    /// Programs a VFIO container with the guest's mappings, turning GPAs
+    /// into host virtual addresses through guest memory.
+    pub struct VfioMapper<S: GuestAddressSpace> {
+        container: Arc<VfioContainer>,
+        memory: S,
+    }
+
+    impl<S: GuestAddressSpace> VfioMapper<S> {
+        /// A mapper over `container`, resolving GPAs in `memory`.
+        pub fn new(container: Arc<VfioContainer>, memory: S) -> Self {
+            VfioMapper { container, memory }
+        }
+    }
+
+    impl<S: GuestAddressSpace> std::fmt::Debug for VfioMapper<S> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("VfioMapper")
+        }
+    }
+
+    impl<S: GuestAddressSpace + Send + Sync> ExternalMapper for VfioMapper<S> {
+        fn map(&self, iova: u64, gpa: u64, size: u64, _flags: MapFlags) -> io::Result<()> {
+            let mem = self.memory.memory();
+            let len = usize::try_from(size)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size"))?;
+            let host = mem
+                .get_slice(GuestAddress(gpa), len)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            // SAFETY: the slice covers `len` bytes of guest memory that stays
+            // mapped for the VMM's lifetime; the host never holds a Rust
+            // reference into guest memory, which is only accessed through
+            // volatile operations, so device DMA into it is not UB.
+            unsafe {
+                self.container
+                    .vfio_dma_map(iova, len, host.ptr_guard_mut().as_ptr())
+            }
+            .map_err(|e| io::Error::other(e.to_string()))
+        }
+
+        fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
+            let len = usize::try_from(size)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size"))?;
+            self.container
+                .vfio_dma_unmap(iova, len)
+                .map_err(|e| io::Error::other(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The per-domain IOVA -> GPA interval map.
+//!
+//! Mappings never overlap, so a `BTreeMap` keyed by the first IOVA of each
+//! mapping is an interval structure: the mapping that may contain an address
+//! is the last one that starts at or below it. MAP is O(log n), UNMAP of k
+//! mappings is O(log n + k) (`extract_if` walks only the affected keys), and
+//! a lookup is O(log n).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::Permissions;
+
+use crate::protocol::{VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+
+/// Permission and memory-type flags of a mapping (the MAP request's `flags`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MapFlags(u32);
+
+impl MapFlags {
+    /// Read access allowed.
+    pub const READ: MapFlags = MapFlags(VIRTIO_IOMMU_MAP_F_READ);
+    /// Write access allowed.
+    pub const WRITE: MapFlags = MapFlags(VIRTIO_IOMMU_MAP_F_WRITE);
+    /// Memory-mapped I/O.
+    pub const MMIO: MapFlags = MapFlags(VIRTIO_IOMMU_MAP_F_MMIO);
+    /// Read and write.
+    pub const READ_WRITE: MapFlags = MapFlags(VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE);
+    /// Every flag this device knows.
+    pub const ALL: MapFlags =
+        MapFlags(VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE | VIRTIO_IOMMU_MAP_F_MMIO);
+
+    /// Builds flags from raw bits; `None` when an unknown bit is set.
+    pub fn from_bits(bits: u32) -> Option<MapFlags> {
+        (bits & !Self::ALL.0 == 0).then_some(MapFlags(bits))
+    }
+
+    /// The raw bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether all bits of `other` are set.
+    pub fn contains(self, other: MapFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether this mapping permits `access`.
+    ///
+    /// Writes need `WRITE`; reads need `READ`. A write-only mapping does not
+    /// allow reads: the device enforces exactly what was asked.
+    pub fn allows(self, access: Permissions) -> bool {
+        let need = match access {
+            Permissions::No => 0,
+            Permissions::Read => VIRTIO_IOMMU_MAP_F_READ,
+            Permissions::Write => VIRTIO_IOMMU_MAP_F_WRITE,
+            Permissions::ReadWrite => VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
+        };
+        self.0 & need == need
+    }
+
+    /// The `vm_memory` permissions these flags grant.
+    pub fn permissions(self) -> Permissions {
+        match (self.contains(Self::READ), self.contains(Self::WRITE)) {
+            (true, true) => Permissions::ReadWrite,
+            (true, false) => Permissions::Read,
+            (false, true) => Permissions::Write,
+            (false, false) => Permissions::No,
+        }
+    }
+}
+
+/// One mapping: `[iova, iova_end]` (inclusive) -> `gpa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// First IOVA.
+    pub iova: u64,
+    /// Last IOVA (inclusive).
+    pub iova_end: u64,
+    /// Guest-physical address of `iova`.
+    pub gpa: u64,
+    /// Permissions and memory type.
+    pub flags: MapFlags,
+}
+
+impl Mapping {
+    /// Size in bytes, saturating at `u64::MAX` for a mapping of the whole space.
+    pub fn size(&self) -> u64 {
+        (self.iova_end - self.iova).saturating_add(1)
+    }
+
+    /// Translates an IOVA inside this mapping.
+    pub fn gpa_of(&self, iova: u64) -> u64 {
+        self.gpa.wrapping_add(iova - self.iova)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    iova_end: u64,
+    gpa: u64,
+    flags: MapFlags,
+}
+
+/// Why an insertion or removal was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeError {
+    /// The new mapping overlaps an existing one.
+    Overlap,
+    /// The UNMAP range would split a mapping.
+    Split,
+}
+
+/// A set of non-overlapping mappings.
+#[derive(Clone, Debug, Default)]
+pub struct MappingTree {
+    map: BTreeMap<u64, Entry>,
+}
+
+impl MappingTree {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there are no mappings.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn entry_at_or_below(&self, addr: u64) -> Option<Mapping> {
+        self.map
+            .range(..=addr)
+            .next_back()
+            .map(|(&iova, e)| Mapping {
+                iova,
+                iova_end: e.iova_end,
+                gpa: e.gpa,
+                flags: e.flags,
+            })
+    }
+
+    /// The mapping containing `iova`, if any.
+    pub fn lookup(&self, iova: u64) -> Option<Mapping> {
+        self.entry_at_or_below(iova).filter(|m| m.iova_end >= iova)
+    }
+
+    /// Whether any mapping intersects `[start, end]`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.entry_at_or_below(end)
+            .is_some_and(|m| m.iova_end >= start)
+    }
+
+    /// Inserts a mapping that must not overlap an existing one.
+    pub fn insert(&mut self, m: Mapping) -> Result<(), TreeError> {
+        debug_assert!(m.iova <= m.iova_end);
+        if self.overlaps(m.iova, m.iova_end) {
+            return Err(TreeError::Overlap);
+        }
+        self.map.insert(
+            m.iova,
+            Entry {
+                iova_end: m.iova_end,
+                gpa: m.gpa,
+                flags: m.flags,
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks that UNMAP of `[start, end]` splits no mapping.
+    pub fn check_unmap(&self, start: u64, end: u64) -> Result<(), TreeError> {
+        // A mapping split at the front starts before `start` and reaches it.
+        if let Some(m) = self.lookup(start) {
+            if m.iova < start {
+                return Err(TreeError::Split);
+            }
+        }
+        // A mapping split at the back contains `end` and goes beyond it.
+        if let Some(m) = self.lookup(end) {
+            if m.iova_end > end {
+                return Err(TreeError::Split);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every mapping inside `[start, end]`, after [`check_unmap`]
+    /// succeeded, appending them to `out`. Returns how many were removed.
+    ///
+    /// [`check_unmap`]: MappingTree::check_unmap
+    pub fn remove_range(&mut self, start: u64, end: u64, out: &mut Vec<Mapping>) -> usize {
+        let before = out.len();
+        out.extend(
+            self.map
+                .extract_if(start..=end, |_, _| true)
+                .map(|(iova, e)| Mapping {
+                    iova,
+                    iova_end: e.iova_end,
+                    gpa: e.gpa,
+                    flags: e.flags,
+                }),
+        );
+        out.len() - before
+    }
+
+    /// Removes every mapping.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Iterates over the mappings in IOVA order.
+    pub fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.map.iter().map(|(&iova, e)| Mapping {
+            iova,
+            iova_end: e.iova_end,
+            gpa: e.gpa,
+            flags: e.flags,
+        })
+    }
+
+    /// The mapping that starts exactly at `iova`.
+    pub fn starting_at(&self, iova: u64) -> Option<Mapping> {
+        self.map.get(&iova).map(|e| Mapping {
+            iova,
+            iova_end: e.iova_end,
+            gpa: e.gpa,
+            flags: e.flags,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(iova: u64, end: u64) -> Mapping {
+        Mapping {
+            iova,
+            iova_end: end,
+            gpa: iova + 0x1000_0000,
+            flags: MapFlags::READ_WRITE,
+        }
+    }
+
+    /// The seven UNMAP examples of the specification, in order.
+    #[test]
+    fn unmap_examples_from_the_specification() {
+        let run = |maps: &[(u64, u64)], unmap: (u64, u64)| -> Result<usize, TreeError> {
+            let mut t = MappingTree::new();
+            for &(s, e) in maps {
+                t.insert(m(s, e)).unwrap();
+            }
+            t.check_unmap(unmap.0, unmap.1)?;
+            let mut out = Vec::new();
+            Ok(t.remove_range(unmap.0, unmap.1, &mut out))
+        };
+        assert_eq!(run(&[], (0, 4)), Ok(0));
+        assert_eq!(run(&[(0, 9)], (0, 9)), Ok(1));
+        assert_eq!(run(&[(0, 4), (5, 9)], (0, 9)), Ok(2));
+        assert_eq!(run(&[(0, 9)], (0, 4)), Err(TreeError::Split));
+        assert_eq!(run(&[(0, 4), (5, 9)], (0, 4)), Ok(1));
+        assert_eq!(run(&[(0, 4)], (0, 9)), Ok(1));
+        assert_eq!(run(&[(0, 4), (10, 14)], (0, 14)), Ok(2));
+    }
+
+    #[test]
+    fn split_at_the_front_is_refused() {
+        let mut t = MappingTree::new();
+        t.insert(m(0x1000, 0x2fff)).unwrap();
+        assert_eq!(t.check_unmap(0x2000, 0x3fff), Err(TreeError::Split));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn overlap_is_refused_on_both_sides() {
+        let mut t = MappingTree::new();
+        t.insert(m(0x2000, 0x2fff)).unwrap();
+        assert_eq!(t.insert(m(0x1000, 0x2000)), Err(TreeError::Overlap));
+        assert_eq!(t.insert(m(0x2fff, 0x3fff)), Err(TreeError::Overlap));
+        assert_eq!(t.insert(m(0x0, 0xffff)), Err(TreeError::Overlap));
+        t.insert(m(0x1000, 0x1fff)).unwrap();
+        t.insert(m(0x3000, 0x3fff)).unwrap();
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn lookup_finds_the_containing_mapping() {
+        let mut t = MappingTree::new();
+        t.insert(m(0x1000, 0x1fff)).unwrap();
+        assert_eq!(t.lookup(0x1800).unwrap().gpa_of(0x1800), 0x1000_1800);
+        assert!(t.lookup(0x2000).is_none());
+        assert!(t.lookup(0xfff).is_none());
+    }
+
+    #[test]
+    fn whole_space_mapping_has_saturated_size() {
+        let mut t = MappingTree::new();
+        t.insert(m(0, u64::MAX)).unwrap();
+        assert_eq!(t.lookup(u64::MAX).unwrap().size(), u64::MAX);
+        let mut out = Vec::new();
+        assert_eq!(t.remove_range(0, u64::MAX, &mut out), 1);
+    }
+
+    #[test]
+    fn flags_permissions() {
+        assert!(MapFlags::READ.allows(Permissions::Read));
+        assert!(!MapFlags::READ.allows(Permissions::Write));
+        assert!(!MapFlags::WRITE.allows(Permissions::Read));
+        assert!(MapFlags::READ_WRITE.allows(Permissions::ReadWrite));
+        assert_eq!(MapFlags::from_bits(8), None);
+        assert_eq!(MapFlags::from_bits(7), Some(MapFlags::ALL));
+    }
+}

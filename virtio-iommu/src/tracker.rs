@@ -1,0 +1,635 @@
+//! The DMA tracker: pins, drains and revocation.
+//!
+//! # Protocol
+//!
+//! Every endpoint has one mutex, [`EndpointCore::state`], that guards both its
+//! current attachment (which domain translates for it) and its table of pins
+//! (DMA in flight). The protocol has three rules:
+//!
+//! 1. *Lookup-then-pin is one critical section.* [`EndpointCore::pin`]
+//!    holds the endpoint lock while it reads the attachment, looks the range
+//!    up in the domain's mapping tree (under the domain's read lock) and
+//!    inserts the pin record.
+//! 2. *Invalidation removes before it scans.* UNMAP removes the mappings
+//!    under the domain's write lock and only then takes each attached
+//!    endpoint's lock to collect overlapping pins. DETACH and ATTACH change
+//!    the attachment and collect the pins in the same critical section.
+//! 3. *A drain completes when its count reaches zero.* Every collected pin
+//!    gets a reference to the [`Drain`]; releasing the pin (dropping the
+//!    [`Pin`]) decrements the count. The request's reply is published only
+//!    when the count is zero.
+//!
+//! A pin created before the invalidation's removal is in the table by the
+//! time the scan takes the endpoint lock (rule 1: the lookup that found the
+//! mapping and the insertion happened under the endpoint lock, and the
+//! removal could not have overtaken a lookup that already saw the mapping),
+//! so the scan sees it. A pin attempted after the removal does not find the
+//! mapping and fails. Hence, once the count is zero, no access through the
+//! removed translation is running and none can start: the invariant.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::Permissions;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::Limits;
+use crate::mapping::MappingTree;
+use crate::metrics::Metrics;
+use crate::sync::{lock, read, Arc, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
+
+/// A callback asked to cancel the DMA a pin protects. It must not block on
+/// the tracker; it typically cancels an I/O whose completion drops the pin.
+pub type RevokeHook = Arc<dyn Fn() + Send + Sync>;
+
+/// `via` of a pin made through the global bypass (endpoint unattached).
+pub(crate) const VIA_GLOBAL_BYPASS: u64 = 0;
+
+/// A contiguous range of guest-physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpaRange {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A translation domain as seen by the translation path.
+#[derive(Debug)]
+pub(crate) struct Domain {
+    /// Guest-visible ID.
+    pub id: u32,
+    /// Unique over the device's lifetime (IDs are reused, `uid`s never).
+    pub uid: u64,
+    /// Endpoints of a bypass domain see identity translation.
+    pub bypass: bool,
+    /// IOVA -> GPA mappings.
+    pub mappings: RwLock<MappingTree>,
+}
+
+impl Domain {
+    pub(crate) fn new(id: u32, uid: u64, bypass: bool) -> Self {
+        Domain {
+            id,
+            uid,
+            bypass,
+            mappings: RwLock::new(MappingTree::new()),
+        }
+    }
+}
+
+struct PinRecord {
+    serial: u64,
+    via: u64,
+    start: u64,
+    end: u64,
+    revoke: Option<RevokeHook>,
+    revoked: bool,
+    waiters: Vec<Arc<Drain>>,
+}
+
+/// The in-flight pins of one endpoint: a slab with a free list, so insert
+/// and remove are O(1) and a guard names its slot.
+#[derive(Default)]
+pub(crate) struct PinTable {
+    slots: Vec<Option<PinRecord>>,
+    free: Vec<u32>,
+    live: usize,
+    next_serial: u64,
+}
+
+impl PinTable {
+    fn insert(&mut self, rec: PinRecord) -> u32 {
+        self.live += 1;
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = Some(rec);
+            i
+        } else {
+            self.slots.push(Some(rec));
+            (self.slots.len() - 1) as u32
+        }
+    }
+
+    fn remove(&mut self, slot: u32, serial: u64) -> Option<PinRecord> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if s.as_ref().map(|r| r.serial) != Some(serial) {
+            return None;
+        }
+        self.live -= 1;
+        self.free.push(slot);
+        s.take()
+    }
+
+    /// Number of pins held.
+    pub(crate) fn live(&self) -> usize {
+        self.live
+    }
+}
+
+/// What the translation path reads under the endpoint lock.
+pub(crate) struct EndpointState {
+    /// The domain translating for the endpoint.
+    pub domain: Option<Arc<Domain>>,
+    /// DMA in flight.
+    pub pins: PinTable,
+}
+
+/// Flags shared by every endpoint of a device.
+pub(crate) struct Shared {
+    /// The config space's `bypass` byte.
+    pub bypass: std::sync::atomic::AtomicBool,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Fault records waiting for the event queue.
+    pub faults: crate::events::FaultQueue,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// The shared part of an endpoint.
+pub(crate) struct EndpointCore {
+    /// Endpoint ID.
+    pub id: u32,
+    /// Attachment and pins; see the module documentation.
+    pub state: Mutex<EndpointState>,
+    /// Device-wide state.
+    pub shared: Arc<Shared>,
+    /// Cache used by the `vm_memory::Iommu` implementation.
+    #[cfg(not(loom))]
+    pub iotlb: std::sync::RwLock<vm_memory::Iotlb>,
+}
+
+/// Why a translation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    /// The endpoint is not attached and not in bypass mode.
+    #[error("endpoint is not attached to a domain")]
+    NotAttached,
+    /// Some address of the range is not mapped.
+    #[error("IOVA {0:#x} is not mapped")]
+    NotMapped(u64),
+    /// The mapping does not permit the access.
+    #[error("access to IOVA {0:#x} is not permitted")]
+    Permission(u64),
+    /// The range is empty or wraps around the address space.
+    #[error("invalid IOVA range")]
+    BadRange,
+    /// The range spans more discontiguous pieces than one pin may hold.
+    #[error("range is too fragmented")]
+    TooFragmented,
+    /// The endpoint holds too many pins.
+    #[error("too many pins in flight")]
+    TooManyPins,
+}
+
+/// At most this many discontiguous GPA ranges per translation: bounds the
+/// host allocation a guest-chosen length can cause.
+pub const MAX_RANGES_PER_TRANSLATION: usize = 4096;
+
+/// GPA ranges of a translation; one range needs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpaRanges {
+    /// A single contiguous range.
+    One(GpaRange),
+    /// Several ranges.
+    Many(Vec<GpaRange>),
+}
+
+impl GpaRanges {
+    /// The ranges as a slice.
+    pub fn as_slice(&self) -> &[GpaRange] {
+        match self {
+            GpaRanges::One(r) => std::slice::from_ref(r),
+            GpaRanges::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, gpa: u64, len: u64) -> Result<(), TranslateError> {
+        match self {
+            GpaRanges::One(r) if r.gpa.wrapping_add(r.len) == gpa => r.len += len,
+            GpaRanges::One(r) => *self = GpaRanges::Many(vec![*r, GpaRange { gpa, len }]),
+            GpaRanges::Many(v) => {
+                let last = v.last_mut().expect("Many is never empty");
+                if last.gpa.wrapping_add(last.len) == gpa {
+                    last.len += len;
+                } else if v.len() >= MAX_RANGES_PER_TRANSLATION {
+                    return Err(TranslateError::TooFragmented);
+                } else {
+                    v.push(GpaRange { gpa, len });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Translates `[iova, iova + len)` through `tree`, following contiguous
+/// mappings; every piece must permit `access`.
+pub(crate) fn translate_in(
+    tree: &MappingTree,
+    iova: u64,
+    len: u64,
+    access: Permissions,
+) -> Result<GpaRanges, TranslateError> {
+    let last = iova.checked_add(len - 1).ok_or(TranslateError::BadRange)?;
+    let mut cur = iova;
+    let mut out: Option<GpaRanges> = None;
+    loop {
+        let m = tree.lookup(cur).ok_or(TranslateError::NotMapped(cur))?;
+        if !m.flags.allows(access) {
+            return Err(TranslateError::Permission(cur));
+        }
+        let piece_end = m.iova_end.min(last);
+        let piece_len = piece_end - cur + 1;
+        let gpa = m.gpa_of(cur);
+        match out.as_mut() {
+            None => {
+                out = Some(GpaRanges::One(GpaRange {
+                    gpa,
+                    len: piece_len,
+                }))
+            }
+            Some(o) => o.push(gpa, piece_len)?,
+        }
+        if piece_end == last {
+            return Ok(out.expect("set above"));
+        }
+        cur = piece_end + 1;
+    }
+}
+
+/// How an endpoint currently translates.
+pub(crate) enum Route<'a> {
+    /// Identity, recorded as `via`.
+    Identity(u64),
+    /// Through a domain's mappings.
+    Domain(&'a Domain),
+    /// Blocked.
+    Blocked,
+}
+
+impl EndpointState {
+    pub(crate) fn route(&self, shared: &Shared) -> Route<'_> {
+        match &self.domain {
+            Some(d) if d.bypass => Route::Identity(d.uid),
+            Some(d) => Route::Domain(d),
+            None if shared.bypass.load(std::sync::atomic::Ordering::Acquire) => {
+                Route::Identity(VIA_GLOBAL_BYPASS)
+            }
+            None => Route::Blocked,
+        }
+    }
+
+    /// The `via` tag of pins made through the current attachment.
+    pub(crate) fn current_via(&self) -> u64 {
+        self.domain.as_ref().map_or(VIA_GLOBAL_BYPASS, |d| d.uid)
+    }
+}
+
+impl EndpointCore {
+    pub(crate) fn new(id: u32, shared: Arc<Shared>) -> Self {
+        EndpointCore {
+            id,
+            state: Mutex::new(EndpointState {
+                domain: None,
+                pins: PinTable::default(),
+            }),
+            shared,
+            #[cfg(not(loom))]
+            iotlb: std::sync::RwLock::new(vm_memory::Iotlb::new()),
+        }
+    }
+
+    /// Translates and, when `pin` is set, registers the range as in flight.
+    /// Returns the ranges and the pin's (slot, serial).
+    pub(crate) fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        pin: Option<Option<RevokeHook>>,
+    ) -> Result<(GpaRanges, u32, u64), TranslateError> {
+        if len == 0 {
+            return Err(TranslateError::BadRange);
+        }
+        let mut st = lock(&self.state);
+        let (ranges, via) = match st.route(&self.shared) {
+            Route::Identity(via) => {
+                iova.checked_add(len - 1).ok_or(TranslateError::BadRange)?;
+                (GpaRanges::One(GpaRange { gpa: iova, len }), via)
+            }
+            Route::Domain(d) => {
+                let tree = read(&d.mappings);
+                (translate_in(&tree, iova, len, access)?, d.uid)
+            }
+            Route::Blocked => return Err(TranslateError::NotAttached),
+        };
+        let Some(revoke) = pin else {
+            return Ok((ranges, 0, 0));
+        };
+        if st.pins.live() >= self.shared.limits.max_pins_per_endpoint {
+            return Err(TranslateError::TooManyPins);
+        }
+        let serial = st.pins.next_serial;
+        st.pins.next_serial += 1;
+        let slot = st.pins.insert(PinRecord {
+            serial,
+            via,
+            start: iova,
+            end: iova + (len - 1),
+            revoke,
+            revoked: false,
+            waiters: Vec::new(),
+        });
+        Ok((ranges, slot, serial))
+    }
+
+    /// Releases a pin; completes the drains that waited only for it.
+    pub(crate) fn release(&self, slot: u32, serial: u64) {
+        let rec = lock(&self.state).pins.remove(slot, serial);
+        if let Some(rec) = rec {
+            for d in rec.waiters {
+                d.release_one();
+            }
+        }
+    }
+
+    /// Makes `drain` wait for every pin made through `via` that overlaps
+    /// `[start, end]`. Call after the translation was removed.
+    pub(crate) fn collect_range(
+        this: &Arc<Self>,
+        st: &mut EndpointState,
+        via: u64,
+        start: u64,
+        end: u64,
+        drain: &Arc<Drain>,
+    ) {
+        for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
+            if let Some(rec) = rec {
+                if rec.via == via && rec.start <= end && start <= rec.end {
+                    drain.add_blocker(this.clone(), slot as u32, rec.serial);
+                    rec.waiters.push(drain.clone());
+                }
+            }
+        }
+    }
+
+    /// Makes `drain` wait for every pin not made through `keep_via`.
+    pub(crate) fn collect_not_via(
+        this: &Arc<Self>,
+        st: &mut EndpointState,
+        keep_via: u64,
+        drain: &Arc<Drain>,
+    ) {
+        for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
+            if let Some(rec) = rec {
+                if rec.via != keep_via {
+                    drain.add_blocker(this.clone(), slot as u32, rec.serial);
+                    rec.waiters.push(drain.clone());
+                }
+            }
+        }
+    }
+
+    /// Clones the revoke hook of a pin that still blocks a drain, once.
+    fn take_revoke(&self, slot: u32, serial: u64) -> Option<RevokeHook> {
+        let mut st = lock(&self.state);
+        let rec = st.pins.slots.get_mut(slot as usize)?.as_mut()?;
+        if rec.serial != serial || rec.revoked {
+            return None;
+        }
+        rec.revoked = true;
+        rec.revoke.clone()
+    }
+}
+
+/// A DMA-owning guard: while it lives, the IOVA range it was created for is
+/// registered as in flight, and any invalidation overlapping it waits.
+///
+/// It owns everything it needs (no borrowed lock), is `Send`, and releases
+/// the range when dropped.
+pub struct Pin {
+    ep: Arc<EndpointCore>,
+    slot: u32,
+    serial: u64,
+    iova: u64,
+    len: u64,
+    ranges: GpaRanges,
+}
+
+impl Pin {
+    pub(crate) fn new(
+        ep: Arc<EndpointCore>,
+        slot: u32,
+        serial: u64,
+        iova: u64,
+        len: u64,
+        ranges: GpaRanges,
+    ) -> Self {
+        Pin {
+            ep,
+            slot,
+            serial,
+            iova,
+            len,
+            ranges,
+        }
+    }
+
+    /// The guest-physical ranges, in IOVA order; GPA-contiguous pieces are merged.
+    pub fn ranges(&self) -> &[GpaRange] {
+        self.ranges.as_slice()
+    }
+
+    /// First IOVA of the pinned range.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Length of the pinned range in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a pin covers at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The GPA of a single-range pin; `None` if the range is fragmented.
+    pub fn contiguous_gpa(&self) -> Option<u64> {
+        match &self.ranges {
+            GpaRanges::One(r) => Some(r.gpa),
+            GpaRanges::Many(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pin")
+            .field("endpoint", &self.ep.id)
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.len)
+            .field("ranges", &self.ranges)
+            .finish()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.ep.release(self.slot, self.serial);
+    }
+}
+
+struct Blocker {
+    ep: Arc<EndpointCore>,
+    slot: u32,
+    serial: u64,
+}
+
+/// One invalidation waiting for in-flight DMA.
+///
+/// The count starts at one for the registration itself; [`Drain::arm`]
+/// drops that reference once every overlapping pin has been collected, so
+/// the drain cannot complete while collection is still running.
+pub struct Drain {
+    remaining: AtomicUsize,
+    done: Mutex<bool>,
+    cv: Condvar,
+    notifier: Option<Arc<EventFd>>,
+    blockers: Mutex<Vec<Blocker>>,
+    started: Instant,
+    finished: std::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain")
+            .field("remaining", &self.remaining.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Drain {
+    /// A new drain; `notifier` is written once when it completes.
+    pub(crate) fn new(notifier: Option<Arc<EventFd>>) -> Arc<Drain> {
+        Arc::new(Drain {
+            remaining: AtomicUsize::new(1),
+            done: Mutex::new(false),
+            cv: Condvar::new(),
+            notifier,
+            blockers: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            finished: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn add_blocker(&self, ep: Arc<EndpointCore>, slot: u32, serial: u64) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+        lock(&self.blockers).push(Blocker { ep, slot, serial });
+    }
+
+    /// Ends collection. Returns true when no pin blocks the drain.
+    pub(crate) fn arm(&self) -> bool {
+        self.release_one()
+    }
+
+    /// Number of pins collected (whether released or not).
+    pub fn blockers(&self) -> usize {
+        lock(&self.blockers).len()
+    }
+
+    fn release_one(&self) -> bool {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return false;
+        }
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+        if let Some(n) = &self.notifier {
+            // An eventfd write only fails when the counter would overflow,
+            // which means a wake-up is already pending.
+            let _ = n.write(1);
+        }
+        true
+    }
+
+    /// Whether every collected pin has been released.
+    pub fn is_complete(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// When the drain started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// How long the drain took, once complete.
+    pub fn wait_time(&self) -> Option<Duration> {
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.duration_since(self.started))
+    }
+
+    /// Blocks until the drain completes.
+    pub fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Blocks until the drain completes or `timeout` passes; true if complete.
+    #[cfg(not(loom))]
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut done = lock(&self.done);
+        while !*done {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            done = self
+                .cv
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Calls the revoke hook of every pin that still blocks this drain (each
+    /// hook at most once per pin). Returns how many hooks were called.
+    ///
+    /// The reply still waits for the pins to be released: revocation only
+    /// asks their holders to finish early.
+    pub fn revoke(&self) -> usize {
+        let pending: Vec<(Arc<EndpointCore>, u32, u64)> = lock(&self.blockers)
+            .iter()
+            .map(|b| (b.ep.clone(), b.slot, b.serial))
+            .collect();
+        let mut called = 0;
+        for (ep, slot, serial) in pending {
+            if let Some(hook) = ep.take_revoke(slot, serial) {
+                hook();
+                called += 1;
+                ep.shared
+                    .metrics
+                    .revocations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        called
+    }
+}
+
+/// Blocks until `drain` completes, revoking the blockers after `grace`.
+/// For VMM code that prefers a blocking wait to the event-driven path.
+#[cfg(not(loom))]
+pub fn wait_with_grace(drain: &Drain, grace: Duration) {
+    if !drain.wait_timeout(grace) {
+        drain.revoke();
+        drain.wait();
+    }
+}

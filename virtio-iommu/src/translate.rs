@@ -1,0 +1,263 @@
+//! The translation API that endpoint devices hold: one [`EndpointHandle`]
+//! per endpoint, with `translate`, `pin` and a `vm_memory::Iommu`
+//! implementation.
+
+use std::fmt;
+use std::ops::Deref;
+
+use vm_memory::iommu::IotlbIterator;
+use vm_memory::{GuestAddress, Iotlb, Permissions};
+
+use crate::events::Fault;
+use crate::sync::{lock, read, Arc};
+use crate::tracker::{EndpointCore, GpaRanges, Pin, RevokeHook, Route, TranslateError};
+
+/// The per-endpoint translation handle.
+///
+/// Cheap to clone; every clone refers to the same endpoint. Create it with
+/// [`crate::VirtioIommu::add_endpoint`].
+#[derive(Clone)]
+pub struct EndpointHandle {
+    pub(crate) core: Arc<EndpointCore>,
+}
+
+impl fmt::Debug for EndpointHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointHandle")
+            .field("endpoint", &self.core.id)
+            .finish()
+    }
+}
+
+impl EndpointHandle {
+    /// The endpoint ID.
+    pub fn id(&self) -> u32 {
+        self.core.id
+    }
+
+    fn fault(&self, err: TranslateError, access: Permissions) {
+        let reason = match err {
+            TranslateError::NotAttached => Some(Fault::domain(self.core.id, access)),
+            TranslateError::NotMapped(a) | TranslateError::Permission(a) => {
+                Some(Fault::mapping(self.core.id, a, access))
+            }
+            _ => None,
+        };
+        if let Some(f) = reason {
+            self.core.shared.faults.report(f, &self.core.shared.metrics);
+        }
+    }
+
+    /// Translates `[iova, iova + len)` for `access` without pinning it.
+    ///
+    /// The result is only a snapshot: nothing stops an UNMAP from removing
+    /// the translation right after. Use it to validate addresses; any memory
+    /// access through the result must be covered by a [`Pin`] instead (see
+    /// [`EndpointHandle::pin`] and [`EndpointHandle::with_pin`]).
+    /// A failure is reported as a fault on the event queue.
+    pub fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<GpaRanges, TranslateError> {
+        self.core
+            .translate(iova, len, access, None)
+            .map(|(r, _, _)| r)
+            .inspect_err(|&e| self.fault(e, access))
+    }
+
+    /// Translates `[iova, iova + len)` for `access` and pins it: until the
+    /// returned guard is dropped, every UNMAP, DETACH or ATTACH that removes
+    /// any part of this translation waits before it replies.
+    ///
+    /// A failure is reported as a fault on the event queue.
+    pub fn pin(&self, iova: u64, len: u64, access: Permissions) -> Result<Pin, TranslateError> {
+        self.pin_inner(iova, len, access, None)
+    }
+
+    /// Like [`EndpointHandle::pin`], with a hook the tracker calls when an
+    /// invalidation has waited for this pin longer than the grace period.
+    /// The hook should cancel the I/O; the pin must still be dropped for the
+    /// invalidation to complete.
+    pub fn pin_revocable(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        revoke: RevokeHook,
+    ) -> Result<Pin, TranslateError> {
+        self.pin_inner(iova, len, access, Some(revoke))
+    }
+
+    fn pin_inner(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        revoke: Option<RevokeHook>,
+    ) -> Result<Pin, TranslateError> {
+        match self.core.translate(iova, len, access, Some(revoke)) {
+            Ok((ranges, slot, serial)) => {
+                Ok(Pin::new(self.core.clone(), slot, serial, iova, len, ranges))
+            }
+            Err(e) => {
+                self.fault(e, access);
+                Err(e)
+            }
+        }
+    }
+
+    /// Pins the range for the duration of `f`, which gets the GPA ranges.
+    pub fn with_pin<R>(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        f: impl FnOnce(&Pin) -> R,
+    ) -> Result<R, TranslateError> {
+        let pin = self.pin(iova, len, access)?;
+        Ok(f(&pin))
+    }
+
+    /// Number of pins this endpoint currently holds.
+    pub fn pins_in_flight(&self) -> usize {
+        lock(&self.core.state).pins.live()
+    }
+
+    /// Whether the endpoint currently translates (attached, or in bypass).
+    pub fn is_translating(&self) -> bool {
+        !matches!(
+            lock(&self.core.state).route(&self.core.shared),
+            Route::Blocked
+        )
+    }
+
+    /// Whether the endpoint currently sees identity translation.
+    pub fn is_bypassed(&self) -> bool {
+        matches!(
+            lock(&self.core.state).route(&self.core.shared),
+            Route::Identity(_)
+        )
+    }
+
+    /// Fills the IOTLB with the mapping containing `iova`, under the same
+    /// locks as a pin, so that an invalidation cannot slip between the
+    /// lookup and the fill (the invalidation clears the IOTLB after it has
+    /// removed the mapping under the domain's write lock).
+    fn fill_iotlb(&self, iova: u64, access: Permissions) -> Result<(), TranslateError> {
+        let st = lock(&self.core.state);
+        match st.route(&self.core.shared) {
+            Route::Blocked => Err(TranslateError::NotAttached),
+            Route::Identity(_) => {
+                // Identity: one entry for the whole (page-aligned) neighbourhood.
+                let base = iova & !0xfff;
+                let len = 1usize << 30;
+                let len = len.min((u64::MAX - base) as usize);
+                let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
+                tlb.set_mapping(
+                    GuestAddress(base),
+                    GuestAddress(base),
+                    len,
+                    Permissions::ReadWrite,
+                )
+                .map_err(|_| TranslateError::BadRange)
+            }
+            Route::Domain(d) => {
+                let tree = read(&d.mappings);
+                let m = tree.lookup(iova).ok_or(TranslateError::NotMapped(iova))?;
+                if !m.flags.allows(access) {
+                    return Err(TranslateError::Permission(iova));
+                }
+                let len = usize::try_from(m.size()).unwrap_or(usize::MAX);
+                let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
+                tlb.set_mapping(
+                    GuestAddress(m.iova),
+                    GuestAddress(m.gpa),
+                    len,
+                    m.flags.permissions(),
+                )
+                .map_err(|_| TranslateError::BadRange)
+            }
+        }
+    }
+}
+
+/// The read guard over an endpoint's IOTLB that an [`IotlbIterator`] holds.
+pub struct IotlbReadGuard<'a>(std::sync::RwLockReadGuard<'a, Iotlb>);
+
+impl Deref for IotlbReadGuard<'_> {
+    type Target = Iotlb;
+    fn deref(&self) -> &Iotlb {
+        &self.0
+    }
+}
+
+/// `vm_memory::Iommu` over the endpoint, so that `IommuMemory` (and so
+/// virtio-queue's `Reader`/`Writer`) translate through it.
+///
+/// The translation is valid while the returned iterator lives: an
+/// invalidation clears this endpoint's IOTLB under its write lock, so it
+/// waits for iterators still alive. Slices taken out of the iterator and
+/// used after it is dropped (as `Reader::new` does) are not covered: hold a
+/// [`Pin`] over the buffers for the whole access in that case. Do not call
+/// `pin` while holding an iterator of the same endpoint.
+impl vm_memory::Iommu for EndpointHandle {
+    type IotlbGuard<'a> = IotlbReadGuard<'a>;
+
+    fn translate(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, vm_memory::iommu::Error> {
+        let range_err = |reason: String| vm_memory::iommu::Error::CannotResolve {
+            iova_range: vm_memory::iommu::IovaRange { base: iova, length },
+            reason,
+        };
+        // Each miss fills at least one mapping and moves on; the loop ends
+        // after at most one fill per mapping in the range, bounded by the
+        // mapping limit.
+        let mut fills = 0usize;
+        loop {
+            let guard = IotlbReadGuard(self.core.iotlb.read().unwrap_or_else(|e| e.into_inner()));
+            let fails = match Iotlb::lookup(guard, iova, length, access) {
+                Ok(it) => return Ok(it),
+                Err(f) => f,
+            };
+            let first = fails
+                .misses
+                .iter()
+                .chain(fails.access_fails.iter())
+                .map(|r| r.base.0)
+                .min()
+                .ok_or_else(|| range_err("lookup failed without a reason".into()))?;
+            if fills > self.core.shared.limits.max_mappings_per_domain {
+                return Err(range_err("too many IOTLB refills".into()));
+            }
+            fills += 1;
+            if let Err(e) = self.fill_iotlb(first, access) {
+                self.fault(e, access);
+                return Err(range_err(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Endpoint operations shared with the address space.
+impl EndpointHandle {
+    pub(crate) fn new(core: Arc<EndpointCore>) -> Self {
+        EndpointHandle { core }
+    }
+
+    /// Clears the IOTLB entries of `[start, end]` (called after removal).
+    pub(crate) fn invalidate_iotlb(core: &EndpointCore, start: u64, end: u64) {
+        let mut tlb = core.iotlb.write().unwrap_or_else(|e| e.into_inner());
+        if start == 0 && end == u64::MAX {
+            tlb.invalidate_all();
+        } else {
+            let len = usize::try_from(end - start).unwrap_or(usize::MAX - 1) + 1;
+            tlb.invalidate_mapping(GuestAddress(start), len);
+        }
+    }
+}
