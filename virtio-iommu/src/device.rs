@@ -290,6 +290,15 @@ impl VirtioIommu {
         }
     }
 
+    /// Fault injection for tests (feature `test-utils`): when set, the
+    /// device replies to invalidations without waiting for in-flight DMA,
+    /// like upstream devices do. Exists only to show that the stress
+    /// checker catches the resulting violations.
+    #[cfg(feature = "test-utils")]
+    pub fn set_skip_drains_for_testing(&mut self, skip: bool) {
+        self.engine.skip_drains = skip;
+    }
+
     /// Device reset: every endpoint detached, domains removed, the parked
     /// request forgotten. `bypass` keeps its value. Blocks until the DMA in
     /// flight through the removed translations has drained (revoking it

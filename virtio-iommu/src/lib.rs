@@ -14,17 +14,17 @@
 //! [`VirtioIommu::drain_eventfd`] to publish replies whose drains completed.
 //!
 //! Modules, one concept each:
-//! - [`protocol`]: wire formats of the specification;
-//! - [`config`]: the VMM's configuration and limits;
-//! - [`mapping`]: the per-domain interval map;
-//! - [`tracker`]: pins, drains and revocation (the invariant);
-//! - [`translate`]: the endpoint handle, also a `vm_memory::Iommu`;
-//! - [`address_space`]: ATTACH/DETACH/MAP/UNMAP semantics;
-//! - [`engine`]: request queue parsing and ordering;
-//! - [`events`]: fault reporting;
-//! - [`mapper`]: propagation to external (VFIO) mappers;
-//! - [`state`]: snapshot and restore;
-//! - [`metrics`]: counters.
+//! - [`protocol`] — wire formats of the specification;
+//! - [`config`] — the VMM's configuration and limits;
+//! - [`mapping`] — the per-domain interval map;
+//! - [`tracker`] — pins, drains and revocation (the invariant);
+//! - [`translate`] — the endpoint handle, also a `vm_memory::Iommu`;
+//! - [`address_space`] — ATTACH/DETACH/MAP/UNMAP semantics;
+//! - [`engine`] — request queue parsing and ordering;
+//! - [`events`] — fault reporting;
+//! - [`mapper`] — propagation to external (VFIO) mappers;
+//! - [`state`] — snapshot and restore;
+//! - [`metrics`] — counters.
 
 #![warn(missing_docs)]
 

@@ -33,7 +33,7 @@ mod vfio {
     use std::sync::Arc;
 
     use vfio_ioctls::VfioContainer;
-    use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory};
+    use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
     use super::ExternalMapper;
     use crate::mapping::MapFlags;
@@ -63,18 +63,39 @@ mod vfio {
             let mem = self.memory.memory();
             let len = usize::try_from(size)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size"))?;
-            let host = mem
-                .get_slice(GuestAddress(gpa), len)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-            // SAFETY: the slice covers `len` bytes of guest memory that stays
-            // mapped for the VMM's lifetime; the host never holds a Rust
-            // reference into guest memory, which is only accessed through
-            // volatile operations, so device DMA into it is not UB.
-            unsafe {
-                self.container
-                    .vfio_dma_map(iova, len, host.ptr_guard_mut().as_ptr())
+            // A mapping may cross guest memory regions, which are not
+            // contiguous in the host: map each piece separately.
+            let mut done = 0usize;
+            let result = (|| {
+                let bad = |e: vm_memory::GuestMemoryError| {
+                    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+                };
+                for slice in mem
+                    .get_slices(GuestAddress(gpa), len, Permissions::ReadWrite)
+                    .map_err(bad)?
+                {
+                    let slice = slice.map_err(bad)?;
+                    // SAFETY: the slice covers `slice.len()` bytes of guest
+                    // memory that stays mapped for the VMM's lifetime; the
+                    // host never holds a Rust reference into guest memory
+                    // (it is accessed only through volatile operations), so
+                    // device DMA into it is not undefined behaviour.
+                    unsafe {
+                        self.container.vfio_dma_map(
+                            iova + done as u64,
+                            slice.len(),
+                            slice.ptr_guard_mut().as_ptr(),
+                        )
+                    }
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                    done += slice.len();
+                }
+                Ok(())
+            })();
+            if result.is_err() && done > 0 {
+                let _ = self.container.vfio_dma_unmap(iova, done);
             }
-            .map_err(|e| io::Error::other(e.to_string()))
+            result
         }
 
         fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {

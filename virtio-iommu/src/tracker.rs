@@ -531,7 +531,8 @@ impl Drain {
 
     /// Ends collection. Returns true when no pin blocks the drain.
     pub(crate) fn arm(&self) -> bool {
-        self.release_one()
+        // Completing here needs no wake-up: the caller sees the result.
+        self.release(false)
     }
 
     /// Number of pins collected (whether released or not).
@@ -540,13 +541,17 @@ impl Drain {
     }
 
     fn release_one(&self) -> bool {
+        self.release(true)
+    }
+
+    fn release(&self, notify: bool) -> bool {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return false;
         }
         *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         *lock(&self.done) = true;
         self.cv.notify_all();
-        if let Some(n) = &self.notifier {
+        if let (Some(n), true) = (&self.notifier, notify) {
             // An eventfd write only fails when the counter would overflow,
             // which means a wake-up is already pending.
             let _ = n.write(1);

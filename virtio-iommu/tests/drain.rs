@@ -1,0 +1,333 @@
+//! Blocking invalidation through the real request queue: UNMAP, DETACH and
+//! ATTACH-move reply only after the pins they overlap are released.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_iommu::protocol::req_type;
+use virtio_iommu::testing::{map_body, unmap_body, Buf, Harness, BUF_BASE};
+use virtio_iommu::{IommuConfig, Pin, Status};
+use vm_memory::{Bytes, GuestAddress, Permissions};
+
+const RW: u32 = 3;
+const EP: u32 = 8;
+
+fn setup() -> Harness {
+    let mut h = Harness::new(IommuConfig {
+        revoke_grace: Duration::from_millis(20),
+        ..Default::default()
+    });
+    h.dev.add_endpoint(EP).unwrap();
+    h.dev.add_endpoint(EP + 1).unwrap();
+    assert_eq!(h.attach(1, EP, 0), Some(Status::Ok));
+    assert_eq!(h.map(1, 0x1000, 0x1fff, 0x10_000, RW), Some(Status::Ok));
+    assert_eq!(h.map(1, 0x2000, 0x2fff, 0x11_000, RW), Some(Status::Ok));
+    assert_eq!(h.map(1, 0x8000, 0x8fff, 0x40_000, RW), Some(Status::Ok));
+    h
+}
+
+/// Places a request at slot `n` and makes it available without processing.
+fn post(h: &mut Harness, n: u64, type_: u8, body: &[u8]) {
+    let r = GuestAddress(BUF_BASE + 0x2_0000 + n * 0x100);
+    let w = GuestAddress(BUF_BASE + 0x3_0000 + n * 0x100);
+    let mut req = vec![type_, 0, 0, 0];
+    req.extend_from_slice(body);
+    h.mem.write_slice(&req, r).unwrap();
+    h.mem.write_slice(&[0xee; 4], w).unwrap();
+    h.req_driver
+        .add(
+            &h.mem,
+            &[
+                Buf {
+                    addr: r,
+                    len: req.len() as u32,
+                    write: false,
+                },
+                Buf {
+                    addr: w,
+                    len: 4,
+                    write: true,
+                },
+            ],
+        )
+        .unwrap();
+}
+
+fn status_of(h: &Harness, n: u64) -> u8 {
+    h.mem
+        .read_obj(GuestAddress(BUF_BASE + 0x3_0000 + n * 0x100))
+        .unwrap()
+}
+
+fn process(h: &mut Harness) -> bool {
+    h.dev.process_requests(&mut h.reqq, &h.mem).unwrap()
+}
+
+#[test]
+fn unmap_reply_waits_for_the_overlapping_pin() {
+    let mut h = setup();
+    let ep = h.dev.endpoint(EP).unwrap();
+    let pin = ep.pin(0x1800, 0x100, Permissions::Write).unwrap();
+    assert_eq!(pin.ranges()[0].gpa, 0x10_800);
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x2fff));
+    assert!(!process(&mut h), "reply published while DMA in flight");
+    assert_eq!(status_of(&h, 0), 0xee);
+    assert!(h.req_driver.pop_used(&h.mem).is_none());
+    // The translation is already gone: no new DMA can start.
+    assert!(ep.pin(0x1800, 8, Permissions::Write).is_err());
+    assert!(h.dev.drain_eventfd().read().is_err(), "no completion yet");
+    drop(pin);
+    assert_eq!(h.dev.drain_eventfd().read().unwrap(), 1);
+    assert!(process(&mut h));
+    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+    assert_eq!(h.req_driver.pop_used(&h.mem).unwrap().1, 4);
+    let m = h.dev.metrics().snapshot();
+    assert_eq!(m.drains, 1);
+    assert_eq!(m.drain_wait.count, 1);
+}
+
+#[test]
+fn unmap_of_other_range_does_not_wait_for_a_pin() {
+    let mut h = setup();
+    let ep = h.dev.endpoint(EP).unwrap();
+    let _pin = ep.pin(0x1000, 0x1000, Permissions::Read).unwrap();
+    assert_eq!(h.unmap(1, 0x8000, 0x8fff), Some(Status::Ok));
+    assert_eq!(h.dev.metrics().snapshot().drains, 0);
+}
+
+#[test]
+fn requests_behind_a_parked_one_complete_after_it_in_order() {
+    let mut h = setup();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin(0x2000, 8, Permissions::Read)
+        .unwrap();
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x2000, 0x2fff));
+    post(
+        &mut h,
+        1,
+        req_type::MAP,
+        &map_body(1, 0x2000, 0x2fff, 0x99_000, RW),
+    );
+    assert!(!process(&mut h));
+    assert!(!process(&mut h), "later request must not overtake");
+    assert_eq!(status_of(&h, 1), 0xee);
+    drop(pin);
+    assert!(process(&mut h));
+    let (a, _) = h.req_driver.pop_used(&h.mem).unwrap();
+    let (b, _) = h.req_driver.pop_used(&h.mem).unwrap();
+    assert!(a != b);
+    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+    assert_eq!(status_of(&h, 1), Status::Ok as u8);
+    let r = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .translate(0x2000, 8, Permissions::Read)
+        .unwrap();
+    assert_eq!(r.as_slice()[0].gpa, 0x99_000);
+}
+
+#[test]
+fn detach_waits_for_the_endpoints_pins() {
+    let mut h = setup();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin(0x8000, 16, Permissions::Write)
+        .unwrap();
+    let mut b = Vec::new();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&EP.to_le_bytes());
+    b.extend_from_slice(&[0; 8]);
+    post(&mut h, 0, req_type::DETACH, &b);
+    assert!(!process(&mut h));
+    drop(pin);
+    assert!(process(&mut h));
+    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+}
+
+#[test]
+fn attach_moving_the_endpoint_waits_for_its_pins() {
+    let mut h = setup();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin(0x8000, 16, Permissions::Write)
+        .unwrap();
+    let mut b = Vec::new();
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&EP.to_le_bytes());
+    b.extend_from_slice(&[0; 8]);
+    post(&mut h, 0, req_type::ATTACH, &b);
+    assert!(!process(&mut h));
+    assert_eq!(h.dev.address_space().attached_domain(EP), Some(2));
+    drop(pin);
+    assert!(process(&mut h));
+    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+}
+
+#[test]
+fn pins_of_other_endpoints_in_the_domain_are_waited_for_on_unmap() {
+    let mut h = setup();
+    assert_eq!(h.attach(1, EP + 1, 0), Some(Status::Ok));
+    let pin = h
+        .dev
+        .endpoint(EP + 1)
+        .unwrap()
+        .pin(0x1000, 8, Permissions::Read)
+        .unwrap();
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    assert!(!process(&mut h));
+    drop(pin);
+    assert!(process(&mut h));
+}
+
+#[test]
+fn pin_spanning_contiguous_mappings_merges_gpa_ranges() {
+    let h = setup();
+    let ep = h.dev.endpoint(EP).unwrap();
+    let pin = ep.pin(0x1f00, 0x200, Permissions::Read).unwrap();
+    assert_eq!(
+        pin.ranges().len(),
+        1,
+        "0x1000->0x10000 and 0x2000->0x11000 are contiguous"
+    );
+    assert_eq!(pin.ranges()[0].len, 0x200);
+    assert!(
+        ep.pin(0x2f00, 0x200, Permissions::Read).is_err(),
+        "hole at 0x3000"
+    );
+}
+
+#[test]
+fn pin_is_send_and_owned() {
+    fn assert_send<T: Send + 'static>(_: &T) {}
+    let h = setup();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin(0x1000, 8, Permissions::Read)
+        .unwrap();
+    assert_send(&pin);
+    let handle = std::thread::spawn(move || pin.len());
+    assert_eq!(handle.join().unwrap(), 8);
+}
+
+#[test]
+fn revoke_hook_is_called_after_the_grace_period_and_reply_still_waits() {
+    let mut h = setup();
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let r = revoked.clone();
+    let pin: Pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin_revocable(
+            0x1000,
+            8,
+            Permissions::Write,
+            Arc::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    assert!(!process(&mut h));
+    let deadline = h.dev.revoke_deadline().unwrap();
+    assert_eq!(h.dev.revoke_overdue(Instant::now()), 0, "too early");
+    assert_eq!(revoked.load(Ordering::SeqCst), 0);
+    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    assert_eq!(h.dev.revoke_overdue(Instant::now()), 1);
+    assert_eq!(h.dev.revoke_overdue(Instant::now()), 0, "each hook once");
+    assert_eq!(revoked.load(Ordering::SeqCst), 1);
+    assert!(!process(&mut h), "revocation does not reply early");
+    drop(pin);
+    assert!(process(&mut h));
+    assert_eq!(h.dev.metrics().snapshot().revocations, 1);
+}
+
+#[test]
+fn blocking_wait_revokes_and_returns_when_the_holder_releases() {
+    let mut h = setup();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin_revocable(
+            0x1000,
+            8,
+            Permissions::Write,
+            Arc::new(move || {
+                let _ = tx.send(());
+            }),
+        )
+        .unwrap();
+    // The "I/O": completes only when cancelled.
+    let io = std::thread::spawn(move || {
+        rx.recv().unwrap();
+        drop(pin);
+    });
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    assert!(!process(&mut h));
+    h.dev.wait_parked();
+    assert!(process(&mut h));
+    io.join().unwrap();
+}
+
+#[test]
+fn reset_drains_pins_of_every_endpoint() {
+    let mut h = setup();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin(0x1000, 8, Permissions::Write)
+        .unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(5));
+        drop(pin);
+    });
+    h.dev.reset();
+    assert_eq!(h.dev.endpoint(EP).unwrap().pins_in_flight(), 0);
+    t.join().unwrap();
+}
+
+#[test]
+fn iommu_memory_translates_through_the_handle_and_enforces_permissions() {
+    use vm_memory::{GuestMemoryMmap, IommuMemory};
+    let mut h = setup();
+    assert_eq!(h.map(1, 0x5000, 0x5fff, 0x20_000, 1), Some(Status::Ok));
+    let ep = h.dev.endpoint(EP).unwrap();
+    let mem: IommuMemory<GuestMemoryMmap, _> = IommuMemory::new(h.mem.clone(), ep, true, ());
+    mem.write_obj(0xdead_beef_u32, GuestAddress(0x1ffe))
+        .unwrap();
+    // Two mappings, GPA-contiguous: the u32 straddles them.
+    let v: u32 = h.mem.read_obj(GuestAddress(0x10_ffe)).unwrap();
+    assert_eq!(v, 0xdead_beef);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x1ffe)).unwrap(),
+        0xdead_beef
+    );
+    assert!(mem.read_obj::<u32>(GuestAddress(0x5000)).is_ok());
+    assert!(
+        mem.write_obj(1u32, GuestAddress(0x5000)).is_err(),
+        "read-only"
+    );
+    assert!(
+        mem.read_obj::<u32>(GuestAddress(0x7000)).is_err(),
+        "unmapped"
+    );
+    assert_eq!(h.unmap(1, 0x1000, 0x2fff), Some(Status::Ok));
+    assert!(
+        mem.read_obj::<u32>(GuestAddress(0x1ffe)).is_err(),
+        "IOTLB invalidated"
+    );
+}
