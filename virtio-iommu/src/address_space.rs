@@ -15,7 +15,7 @@ use crate::mapper::ExternalMapper;
 use crate::mapping::{MapFlags, Mapping, TreeError};
 use crate::protocol::Status;
 use crate::sync::{lock, read, write, Arc};
-use crate::tracker::{Domain, Drain, EndpointCore, Shared, VIA_GLOBAL_BYPASS};
+use crate::tracker::{Domain, Drain, DrainCollector, EndpointCore, Shared, VIA_GLOBAL_BYPASS};
 #[cfg(not(loom))]
 use crate::translate::EndpointHandle;
 
@@ -159,26 +159,23 @@ impl AddressSpace {
         self.next_uid - 1
     }
 
-    fn new_drain(&self) -> Arc<Drain> {
-        Drain::new(self.notifier.clone())
+    fn new_drain(&self) -> DrainCollector {
+        DrainCollector::new(self.notifier.clone())
     }
 
     /// Ends collection; returns the drain only if something must be waited for.
-    fn finish_drain(&self, drain: Arc<Drain>) -> Option<Arc<Drain>> {
-        if drain.arm() {
-            None
-        } else {
-            self.shared
-                .metrics
-                .drains
-                .fetch_add(1, StdOrdering::Relaxed);
-            Some(drain)
-        }
+    fn finish_drain(&self, drain: DrainCollector) -> Option<Arc<Drain>> {
+        let d = drain.finish()?;
+        self.shared
+            .metrics
+            .drains
+            .fetch_add(1, StdOrdering::Relaxed);
+        Some(d)
     }
 
     /// Points endpoint `id`'s translation at `dom` and makes `drain` wait
     /// for every pin made through the previous translation.
-    fn switch_endpoint(&mut self, id: u32, dom: Option<Arc<Domain>>, drain: &Arc<Drain>) {
+    fn switch_endpoint(&mut self, id: u32, dom: Option<Arc<Domain>>, drain: &mut DrainCollector) {
         let entry = self.endpoints.get_mut(&id).expect("caller checked");
         entry.domain = dom.as_ref().map(|d| d.id);
         let core = entry.core.clone();
@@ -280,7 +277,7 @@ impl AddressSpace {
                 dom
             }
         };
-        let drain = self.new_drain();
+        let mut drain = self.new_drain();
         if let Some(m) = &mapper {
             if let Err(e) = self.mapper_map_all(m.as_ref(), &dom) {
                 log::error!("attaching endpoint {endpoint:#x}: external map failed: {e}");
@@ -291,7 +288,7 @@ impl AddressSpace {
                 {
                     self.domains.remove(&domain);
                 }
-                self.switch_endpoint(endpoint, None, &drain);
+                self.switch_endpoint(endpoint, None, &mut drain);
                 return Outcome {
                     status: Status::DevErr,
                     drain: self.finish_drain(drain),
@@ -303,7 +300,7 @@ impl AddressSpace {
             .expect("inserted above")
             .endpoints
             .insert(endpoint);
-        self.switch_endpoint(endpoint, Some(dom), &drain);
+        self.switch_endpoint(endpoint, Some(dom), &mut drain);
         Outcome {
             status,
             drain: self.finish_drain(drain),
@@ -347,8 +344,8 @@ impl AddressSpace {
         } else {
             Status::DevErr
         };
-        let drain = self.new_drain();
-        self.switch_endpoint(endpoint, None, &drain);
+        let mut drain = self.new_drain();
+        self.switch_endpoint(endpoint, None, &mut drain);
         Outcome {
             status,
             drain: self.finish_drain(drain),
@@ -464,7 +461,7 @@ impl AddressSpace {
         }
         self.total_mappings -= removed.len();
         let mut status = Status::Ok;
-        let drain = self.new_drain();
+        let mut drain = self.new_drain();
         for ep in &self.domains[&domain].endpoints {
             let entry = &self.endpoints[ep];
             if let Some(mapper) = &entry.mapper {
@@ -482,7 +479,7 @@ impl AddressSpace {
             // ...then collect the pins that overlap.
             {
                 let mut st = lock(&entry.core.state);
-                EndpointCore::collect_range(&entry.core, &mut st, dom.uid, start, end, &drain);
+                EndpointCore::collect_range(&entry.core, &mut st, dom.uid, start, end, &mut drain);
             }
             #[cfg(not(loom))]
             EndpointHandle::invalidate_iotlb(&entry.core, start, end);
@@ -497,7 +494,7 @@ impl AddressSpace {
     /// Device reset: every endpoint is detached and every domain removed.
     /// Returns the drain of the DMA still in flight through them.
     pub(crate) fn reset(&mut self) -> Option<Arc<Drain>> {
-        let drain = self.new_drain();
+        let mut drain = self.new_drain();
         let ids: Vec<(u32, Option<u32>)> = self
             .endpoints
             .iter()
@@ -507,7 +504,7 @@ impl AddressSpace {
             if let Some(dom) = dom {
                 self.leave_domain(id, dom);
             }
-            self.switch_endpoint(id, None, &drain);
+            self.switch_endpoint(id, None, &mut drain);
         }
         debug_assert!(self.domains.is_empty());
         self.domains.clear();
@@ -524,7 +521,7 @@ impl AddressSpace {
         if was == on || on {
             return None;
         }
-        let drain = self.new_drain();
+        let mut drain = self.new_drain();
         for e in self.endpoints.values() {
             if e.domain.is_none() {
                 let mut st = lock(&e.core.state);
@@ -534,7 +531,7 @@ impl AddressSpace {
                     VIA_GLOBAL_BYPASS,
                     0,
                     u64::MAX,
-                    &drain,
+                    &mut drain,
                 );
                 drop(st);
                 #[cfg(not(loom))]

@@ -5,8 +5,14 @@
 //! is the last one that starts at or below it. MAP is O(log n), UNMAP of k
 //! mappings is O(log n + k) (`extract_if` walks only the affected keys), and
 //! a lookup is O(log n).
+//!
+//! Single-page mappings (what a strict Linux guest creates for most DMA
+//! buffers) are also indexed in a hash table keyed by page number, so the
+//! translation hot path finds them with one probe instead of a walk down
+//! the tree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::Permissions;
@@ -111,10 +117,41 @@ pub enum TreeError {
     Split,
 }
 
+/// Page size of the single-page index.
+const PAGE_SHIFT: u32 = 12;
+const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// Multiplicative hash for page numbers (they are not attacker-chosen in a
+/// way that matters: the table is bounded by the mapping limits).
+#[derive(Default)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let h = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
 /// A set of non-overlapping mappings.
 #[derive(Clone, Debug, Default)]
 pub struct MappingTree {
     map: BTreeMap<u64, Entry>,
+    pages: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
+}
+
+fn is_single_page(iova: u64, iova_end: u64) -> bool {
+    iova & (PAGE_SIZE - 1) == 0 && iova_end - iova == PAGE_SIZE - 1
 }
 
 impl MappingTree {
@@ -147,6 +184,14 @@ impl MappingTree {
 
     /// The mapping containing `iova`, if any.
     pub fn lookup(&self, iova: u64) -> Option<Mapping> {
+        if let Some(e) = self.pages.get(&(iova >> PAGE_SHIFT)) {
+            return Some(Mapping {
+                iova: iova & !(PAGE_SIZE - 1),
+                iova_end: e.iova_end,
+                gpa: e.gpa,
+                flags: e.flags,
+            });
+        }
         self.entry_at_or_below(iova).filter(|m| m.iova_end >= iova)
     }
 
@@ -162,14 +207,15 @@ impl MappingTree {
         if self.overlaps(m.iova, m.iova_end) {
             return Err(TreeError::Overlap);
         }
-        self.map.insert(
-            m.iova,
-            Entry {
-                iova_end: m.iova_end,
-                gpa: m.gpa,
-                flags: m.flags,
-            },
-        );
+        let e = Entry {
+            iova_end: m.iova_end,
+            gpa: m.gpa,
+            flags: m.flags,
+        };
+        self.map.insert(m.iova, e);
+        if is_single_page(m.iova, m.iova_end) {
+            self.pages.insert(m.iova >> PAGE_SHIFT, e);
+        }
         Ok(())
     }
 
@@ -196,9 +242,15 @@ impl MappingTree {
     /// [`check_unmap`]: MappingTree::check_unmap
     pub fn remove_range(&mut self, start: u64, end: u64, out: &mut Vec<Mapping>) -> usize {
         let before = out.len();
+        let pages = &mut self.pages;
         out.extend(
             self.map
                 .extract_if(start..=end, |_, _| true)
+                .inspect(|(iova, e)| {
+                    if is_single_page(*iova, e.iova_end) {
+                        pages.remove(&(iova >> PAGE_SHIFT));
+                    }
+                })
                 .map(|(iova, e)| Mapping {
                     iova,
                     iova_end: e.iova_end,
@@ -212,6 +264,7 @@ impl MappingTree {
     /// Removes every mapping.
     pub fn clear(&mut self) {
         self.map.clear();
+        self.pages.clear();
     }
 
     /// Iterates over the mappings in IOVA order.
@@ -305,6 +358,22 @@ mod tests {
         assert_eq!(t.lookup(u64::MAX).unwrap().size(), u64::MAX);
         let mut out = Vec::new();
         assert_eq!(t.remove_range(0, u64::MAX, &mut out), 1);
+    }
+
+    #[test]
+    fn single_page_index_follows_inserts_and_removals() {
+        let mut t = MappingTree::new();
+        t.insert(m(0x1000, 0x1fff)).unwrap();
+        t.insert(m(0x2000, 0x3fff)).unwrap();
+        assert_eq!(t.pages.len(), 1);
+        assert_eq!(t.lookup(0x1abc).unwrap().iova, 0x1000);
+        assert_eq!(t.lookup(0x3abc).unwrap().iova, 0x2000);
+        let mut out = Vec::new();
+        t.remove_range(0, 0x1fff, &mut out);
+        assert!(t.pages.is_empty());
+        assert!(t.lookup(0x1abc).is_none());
+        t.clear();
+        assert!(t.lookup(0x3abc).is_none());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct TestDriver {
     avail_idx: u16,
     used_idx: u16,
     free: Vec<u16>,
-    chain_len: Vec<u16>,
+    chains: Vec<Vec<u16>>,
 }
 
 impl TestDriver {
@@ -59,7 +59,7 @@ impl TestDriver {
             avail_idx: 0,
             used_idx: 0,
             free: (0..size).rev().collect(),
-            chain_len: vec![0; usize::from(size)],
+            chains: vec![Vec::new(); usize::from(size)],
         }
     }
 
@@ -86,7 +86,10 @@ impl TestDriver {
         if bufs.is_empty() || bufs.len() > self.free.len() {
             return None;
         }
-        let idx: Vec<u16> = (0..bufs.len()).map(|_| self.free.pop().unwrap()).collect();
+        let head = *self.free.last().expect("checked");
+        let mut idx = std::mem::take(&mut self.chains[usize::from(head)]);
+        idx.clear();
+        idx.extend((0..bufs.len()).map(|_| self.free.pop().unwrap()));
         for (i, b) in bufs.iter().enumerate() {
             let mut flags = if b.write { WRITE } else { 0 };
             let next = if i + 1 < bufs.len() {
@@ -95,14 +98,15 @@ impl TestDriver {
             } else {
                 0
             };
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&b.addr.0.to_le_bytes());
+            d[8..12].copy_from_slice(&b.len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
             let at = self.desc.0 + DESC_SIZE * u64::from(idx[i]);
-            mem.write_obj(b.addr.0, GuestAddress(at)).unwrap();
-            mem.write_obj(b.len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+            mem.write_slice(&d, GuestAddress(at)).unwrap();
         }
-        let head = idx[0];
-        self.chain_len[usize::from(head)] = bufs.len() as u16;
+        self.chains[usize::from(head)] = idx;
         let slot = u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(self.avail.0 + 4 + 2 * slot))
             .unwrap();
@@ -120,24 +124,13 @@ impl TestDriver {
         }
         let slot = u64::from(self.used_idx % self.size);
         let at = self.used.0 + 4 + 8 * slot;
-        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        let elem: u64 = mem.read_obj(GuestAddress(at)).unwrap();
+        let (id, len) = (elem as u32, (elem >> 32) as u32);
         self.used_idx = self.used_idx.wrapping_add(1);
         let head = id as u16;
-        // Free the chain by walking its descriptors again.
-        let mut d = head;
-        for _ in 0..self.chain_len[usize::from(head)] {
-            self.free.push(d);
-            let flags: u16 = mem
-                .read_obj(GuestAddress(self.desc.0 + DESC_SIZE * u64::from(d) + 12))
-                .unwrap();
-            d = mem
-                .read_obj(GuestAddress(self.desc.0 + DESC_SIZE * u64::from(d) + 14))
-                .unwrap();
-            if flags & NEXT == 0 {
-                break;
-            }
-        }
+        // Free the chain's descriptors (the driver remembers them).
+        self.free
+            .extend(self.chains[usize::from(head)].iter().rev().copied());
         Some((head, len))
     }
 }

@@ -156,6 +156,9 @@ pub(crate) struct EndpointCore {
     /// Cache used by the `vm_memory::Iommu` implementation.
     #[cfg(not(loom))]
     pub iotlb: std::sync::RwLock<vm_memory::Iotlb>,
+    /// Whether the IOTLB was ever filled (invalidations skip it otherwise).
+    #[cfg(not(loom))]
+    pub iotlb_used: std::sync::atomic::AtomicBool,
 }
 
 /// Why a translation failed.
@@ -296,6 +299,8 @@ impl EndpointCore {
             shared,
             #[cfg(not(loom))]
             iotlb: std::sync::RwLock::new(vm_memory::Iotlb::new()),
+            #[cfg(not(loom))]
+            iotlb_used: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -361,13 +366,17 @@ impl EndpointCore {
         via: u64,
         start: u64,
         end: u64,
-        drain: &Arc<Drain>,
+        drain: &mut DrainCollector,
     ) {
+        if st.pins.live == 0 {
+            return;
+        }
         for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
             if let Some(rec) = rec {
                 if rec.via == via && rec.start <= end && start <= rec.end {
-                    drain.add_blocker(this.clone(), slot as u32, rec.serial);
-                    rec.waiters.push(drain.clone());
+                    let d = drain.drain();
+                    d.add_blocker(this.clone(), slot as u32, rec.serial);
+                    rec.waiters.push(d.clone());
                 }
             }
         }
@@ -378,13 +387,17 @@ impl EndpointCore {
         this: &Arc<Self>,
         st: &mut EndpointState,
         keep_via: u64,
-        drain: &Arc<Drain>,
+        drain: &mut DrainCollector,
     ) {
+        if st.pins.live == 0 {
+            return;
+        }
         for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
             if let Some(rec) = rec {
                 if rec.via != keep_via {
-                    drain.add_blocker(this.clone(), slot as u32, rec.serial);
-                    rec.waiters.push(drain.clone());
+                    let d = drain.drain();
+                    d.add_blocker(this.clone(), slot as u32, rec.serial);
+                    rec.waiters.push(d.clone());
                 }
             }
         }
@@ -478,6 +491,37 @@ impl std::fmt::Debug for Pin {
 impl Drop for Pin {
     fn drop(&mut self) {
         self.ep.release(self.slot, self.serial);
+    }
+}
+
+/// Builds a [`Drain`] only when a pin actually has to be waited for, so
+/// that an invalidation without DMA in flight allocates nothing.
+pub(crate) struct DrainCollector {
+    notifier: Option<Arc<EventFd>>,
+    drain: Option<Arc<Drain>>,
+}
+
+impl DrainCollector {
+    pub(crate) fn new(notifier: Option<Arc<EventFd>>) -> Self {
+        DrainCollector {
+            notifier,
+            drain: None,
+        }
+    }
+
+    fn drain(&mut self) -> &Arc<Drain> {
+        let n = &self.notifier;
+        self.drain.get_or_insert_with(|| Drain::new(n.clone()))
+    }
+
+    /// Ends collection: the drain to wait for, if any pin is still held.
+    pub(crate) fn finish(self) -> Option<Arc<Drain>> {
+        let d = self.drain?;
+        if d.arm() {
+            None
+        } else {
+            Some(d)
+        }
     }
 }
 

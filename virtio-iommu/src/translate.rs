@@ -155,6 +155,9 @@ impl EndpointHandle {
                 let len = 1usize << 30;
                 let len = len.min((u64::MAX - base) as usize);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
+                self.core
+                    .iotlb_used
+                    .store(true, std::sync::atomic::Ordering::Release);
                 tlb.set_mapping(
                     GuestAddress(base),
                     GuestAddress(base),
@@ -171,6 +174,9 @@ impl EndpointHandle {
                 }
                 let len = usize::try_from(m.size()).unwrap_or(usize::MAX);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
+                self.core
+                    .iotlb_used
+                    .store(true, std::sync::atomic::Ordering::Release);
                 tlb.set_mapping(
                     GuestAddress(m.iova),
                     GuestAddress(m.gpa),
@@ -252,6 +258,11 @@ impl EndpointHandle {
 
     /// Clears the IOTLB entries of `[start, end]` (called after removal).
     pub(crate) fn invalidate_iotlb(core: &EndpointCore, start: u64, end: u64) {
+        // Fills happen under the domain or endpoint lock that the caller's
+        // removal went through, so a fill that mattered is visible here.
+        if !core.iotlb_used.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let mut tlb = core.iotlb.write().unwrap_or_else(|e| e.into_inner());
         if start == 0 && end == u64::MAX {
             tlb.invalidate_all();
