@@ -936,3 +936,84 @@ fn metrics_count_requests_by_type_and_status() {
     assert_eq!(m.requests(req_type::MAP, Status::Ok), 1);
     assert_eq!(m.requests(req_type::MAP, Status::Inval), 1);
 }
+
+#[test]
+fn fault_report_is_not_split_over_buffers_too_small_for_it() {
+    use virtio_iommu::testing::Buf;
+    use vm_memory::GuestAddress;
+    let mut h = attached();
+    let ep = h.dev.endpoint(EP).unwrap();
+    assert!(ep.translate(0x7000, 1, Permissions::Read).is_err());
+    h.ev_driver
+        .add(
+            &h.mem,
+            &[Buf {
+                addr: GuestAddress(0x20_0000),
+                len: 16,
+                write: true,
+            }],
+        )
+        .unwrap();
+    assert!(h.dev.process_events(&mut h.evq, &h.mem).unwrap());
+    assert_eq!(
+        h.ev_driver.pop_used(&h.mem).unwrap().1,
+        0,
+        "returned unwritten"
+    );
+    assert_eq!(h.dev.pending_faults(), 1, "kept for a buffer that fits");
+    h.ev_driver
+        .add(
+            &h.mem,
+            &[Buf {
+                addr: GuestAddress(0x20_0000),
+                len: 64,
+                write: true,
+            }],
+        )
+        .unwrap();
+    assert!(h.dev.process_events(&mut h.evq, &h.mem).unwrap());
+    assert_eq!(h.ev_driver.pop_used(&h.mem).unwrap().1, 24);
+}
+
+#[test]
+fn device_should_not_present_overlapping_resv_mem_properties() {
+    let mut h = Harness::new(IommuConfig::default());
+    let overlapping = ReservedRegion {
+        start: 0xfef0_0000,
+        end: 0xfef0_ffff,
+        kind: ReservedKind::Reserved,
+    };
+    assert!(h
+        .dev
+        .add_endpoint_with(
+            EP,
+            virtio_iommu::EndpointOptions {
+                reserved_regions: vec![
+                    overlapping,
+                    ReservedRegion {
+                        start: 0xfeef_0000,
+                        ..overlapping
+                    }
+                ],
+                ..Default::default()
+            },
+        )
+        .is_err());
+    let msi_twice = ReservedRegion {
+        start: 0x1000,
+        end: 0x1fff,
+        kind: ReservedKind::Msi,
+    };
+    assert!(
+        h.dev
+            .add_endpoint_with(
+                EP,
+                virtio_iommu::EndpointOptions {
+                    reserved_regions: vec![msi_twice],
+                    ..Default::default()
+                },
+            )
+            .is_err(),
+        "a second MSI region for the endpoint"
+    );
+}
