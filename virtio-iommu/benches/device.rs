@@ -63,7 +63,9 @@ fn scattered_gpa(i: u64) -> u64 {
     ((i.wrapping_mul(0x9e37_79b9) % (1 << 24)) * 2 + 1) << 12
 }
 
-fn prefill(h: &mut Harness, domain: u32, n: u64) {
+/// Maps `n` 4 KiB pages at `PREFILL` in `domain`, GPAs scattered from `seed`.
+fn prefill(h: &mut Harness, domain: u32, n: u64, seed: u64) {
+    let before = h.dev.address_space().mapping_count() as u64;
     // Fill through the address space's own request path, in one batch per
     // queue's worth of requests.
     let mut i = 0;
@@ -75,7 +77,7 @@ fn prefill(h: &mut Harness, domain: u32, n: u64) {
                 h,
                 BUF_BASE + k * 0x200,
                 3,
-                &map_body(domain, iova, iova + 0xfff, scattered_gpa(i + k), 3),
+                &map_body(domain, iova, iova + 0xfff, scattered_gpa(i + k + seed), 3),
             );
             h.req_driver.add(&h.mem, &bufs).unwrap();
         }
@@ -83,7 +85,7 @@ fn prefill(h: &mut Harness, domain: u32, n: u64) {
         while h.req_driver.pop_used(&h.mem).is_some() {}
         i += batch;
     }
-    assert_eq!(h.dev.address_space().mapping_count() as u64, n);
+    assert_eq!(h.dev.address_space().mapping_count() as u64, before + n);
 }
 
 fn bench_queue(c: &mut Criterion) {
@@ -112,7 +114,7 @@ fn bench_unmap_scaling(c: &mut Criterion) {
     g.sample_size(30).measurement_time(Duration::from_secs(3));
     for n in [1_000u64, 100_000, 1_000_000] {
         let mut h = harness();
-        prefill(&mut h, 1, n);
+        prefill(&mut h, 1, n, 0);
         let iova = 0x10_0000_0000u64;
         let map = place(&h, BUF_BASE, 3, &map_body(1, iova, iova + 0xfff, 0x5000, 3));
         let unmap = place(&h, BUF_BASE + 0x1000, 4, &unmap_body(1, iova, iova + 0xfff));
@@ -141,8 +143,8 @@ fn bench_translate(c: &mut Criterion) {
     const N: u64 = 10_000;
     let mut g = c.benchmark_group("translate");
     let mut h = harness();
-    prefill(&mut h, 1, N);
-    prefill_domain2(&mut h, N);
+    prefill(&mut h, 1, N, 0);
+    prefill(&mut h, 2, N, 7);
     let ep = h.dev.endpoint(EP).unwrap();
     let mut iotlb = Iotlb::new();
     for i in 0..N {
@@ -194,28 +196,6 @@ fn bench_translate(c: &mut Criterion) {
         b.iter_custom(|iters| two_threads(&ep, &ep2, iters, N))
     });
     g.finish();
-}
-
-fn prefill_domain2(h: &mut Harness, n: u64) {
-    let before = h.dev.address_space().mapping_count() as u64;
-    let mut i = 0;
-    while i < n {
-        let batch = (n - i).min(100);
-        for k in 0..batch {
-            let iova = PREFILL + ((i + k) << 12);
-            let bufs = place(
-                h,
-                BUF_BASE + k * 0x200,
-                3,
-                &map_body(2, iova, iova + 0xfff, scattered_gpa(i + k + 7), 3),
-            );
-            h.req_driver.add(&h.mem, &bufs).unwrap();
-        }
-        h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-        while h.req_driver.pop_used(&h.mem).is_some() {}
-        i += batch;
-    }
-    assert_eq!(h.dev.address_space().mapping_count() as u64, before + n);
 }
 
 /// Both threads pin `iters` times on their own endpoint; returns the mean

@@ -189,9 +189,15 @@ impl AddressSpace {
         EndpointHandle::invalidate_iotlb(&core, 0, u64::MAX);
     }
 
-    fn mapper_unmap_all(&self, mapper: &dyn ExternalMapper, dom: &Domain) -> bool {
+    /// Unmaps `mappings` from `mapper`; false if any unmap failed (logged
+    /// and counted).
+    fn mapper_unmap<'m>(
+        &self,
+        mapper: &dyn ExternalMapper,
+        mappings: impl IntoIterator<Item = &'m Mapping>,
+    ) -> bool {
         let mut ok = true;
-        for m in read(&dom.mappings).iter() {
+        for m in mappings {
             if let Err(e) = mapper.unmap(m.iova, m.size()) {
                 log::error!("external unmap {:#x}+{:#x} failed: {e}", m.iova, m.size());
                 self.shared
@@ -202,6 +208,11 @@ impl AddressSpace {
             }
         }
         ok
+    }
+
+    fn mapper_unmap_all(&self, mapper: &dyn ExternalMapper, dom: &Domain) -> bool {
+        let all: Vec<Mapping> = read(&dom.mappings).iter().collect();
+        self.mapper_unmap(mapper, &all)
     }
 
     /// Removes endpoint `ep` from domain `dom_id`'s bookkeeping, unmapping
@@ -465,15 +476,8 @@ impl AddressSpace {
         for ep in &self.domains[&domain].endpoints {
             let entry = &self.endpoints[ep];
             if let Some(mapper) = &entry.mapper {
-                for m in &removed {
-                    if let Err(e) = mapper.unmap(m.iova, m.size()) {
-                        log::error!("external unmap {:#x}+{:#x} failed: {e}", m.iova, m.size());
-                        self.shared
-                            .metrics
-                            .mapper_errors
-                            .fetch_add(1, StdOrdering::Relaxed);
-                        status = Status::DevErr;
-                    }
+                if !self.mapper_unmap(mapper.as_ref(), &removed) {
+                    status = Status::DevErr;
                 }
             }
             // ...then collect the pins that overlap.

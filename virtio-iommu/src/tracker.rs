@@ -368,18 +368,9 @@ impl EndpointCore {
         end: u64,
         drain: &mut DrainCollector,
     ) {
-        if st.pins.live == 0 {
-            return;
-        }
-        for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
-            if let Some(rec) = rec {
-                if rec.via == via && rec.start <= end && start <= rec.end {
-                    let d = drain.drain();
-                    d.add_blocker(this.clone(), slot as u32, rec.serial);
-                    rec.waiters.push(d.clone());
-                }
-            }
-        }
+        Self::collect(this, st, drain, |r| {
+            r.via == via && r.start <= end && start <= r.end
+        });
     }
 
     /// Makes `drain` wait for every pin not made through `keep_via`.
@@ -389,16 +380,23 @@ impl EndpointCore {
         keep_via: u64,
         drain: &mut DrainCollector,
     ) {
+        Self::collect(this, st, drain, |r| r.via != keep_via);
+    }
+
+    fn collect(
+        this: &Arc<Self>,
+        st: &mut EndpointState,
+        drain: &mut DrainCollector,
+        affected: impl Fn(&PinRecord) -> bool,
+    ) {
         if st.pins.live == 0 {
             return;
         }
         for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
-            if let Some(rec) = rec {
-                if rec.via != keep_via {
-                    let d = drain.drain();
-                    d.add_blocker(this.clone(), slot as u32, rec.serial);
-                    rec.waiters.push(d.clone());
-                }
+            if let Some(rec) = rec.as_mut().filter(|r| affected(r)) {
+                let d = drain.drain();
+                d.add_blocker(this.clone(), slot as u32, rec.serial);
+                rec.waiters.push(d.clone());
             }
         }
     }
