@@ -282,6 +282,27 @@ impl VirtioIommu {
         }
     }
 
+    /// Spins for at most `budget` waiting for the parked request's drain;
+    /// true if it completed (or nothing is parked). The Linux driver
+    /// busy-waits for every reply, so a VMM may prefer to spend a short
+    /// budget polling here over the wake-up latency of sleeping on
+    /// [`VirtioIommu::drain_eventfd`].
+    pub fn poll_parked(&self, budget: std::time::Duration) -> bool {
+        let Some(d) = self.engine.parked_drain() else {
+            return true;
+        };
+        let start = Instant::now();
+        loop {
+            if d.is_complete() {
+                return true;
+            }
+            if start.elapsed() >= budget {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Blocks until the parked request (if any) may be published, revoking
     /// after the grace period; for VMMs without an event loop.
     pub fn wait_parked(&self) {
