@@ -1,0 +1,42 @@
+//! integrity: strict-mode L2 guest, O_DIRECT writes and reads of random
+//! blocks from several threads on iommu=on and iommu=off disks, verified.
+
+use guest_tests::{assert_agent_pass, bed_or_skip, env_num, report_timing, DiskSpec, Scenario};
+use std::time::Duration;
+
+#[test]
+fn integrity() {
+    let Some(bed) = bed_or_skip("integrity") else {
+        return;
+    };
+    let mib = env_num("VIRTIO_IOMMU_TEST_INTEGRITY_MIB", 32);
+    let mut s = Scenario::new("integrity");
+    s.disks = vec![
+        DiskSpec::new("d0", 128, true),
+        DiskSpec::new("d1", 128, false),
+        DiskSpec::new("d2", 128, true),
+    ];
+    s.cpus = 2;
+    s.params = vec![format!("mib={mib}"), "threads=4".into()];
+    s.timeout = Duration::from_secs(300);
+    let out = bed.run(&s).expect("guest run");
+    report_timing("integrity", &out);
+    let r = assert_agent_pass(&out, "integrity");
+    eprintln!("integrity: {}", r.line);
+    let written: u64 = r
+        .fields
+        .get("written_kib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        written >= mib * 1024 * 9 / 10,
+        "wrote too little: {}",
+        r.line
+    );
+    assert_eq!(
+        r.fields.get("strict").map(String::as_str),
+        Some("1"),
+        "{}",
+        r.line
+    );
+}
