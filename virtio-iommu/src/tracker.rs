@@ -54,7 +54,11 @@ pub struct GpaRange {
 }
 
 /// A translation domain as seen by the translation path.
+///
+/// Aligned so that two domains never share a cache line: pins on
+/// different domains must not slow each other down.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct Domain {
     /// Guest-visible ID.
     pub id: u32,
@@ -97,7 +101,21 @@ pub(crate) struct PinTable {
     next_serial: u64,
 }
 
+/// Pin slots allocated with each endpoint.
+const PIN_TABLE_PREALLOC: usize = 64;
+
 impl PinTable {
+    fn with_capacity(n: usize) -> Self {
+        PinTable {
+            slots: Vec::with_capacity(n),
+            // Never smaller than a few cache lines, so that the free lists
+            // of two endpoints cannot share one.
+            free: Vec::with_capacity(n.max(64)),
+            live: 0,
+            next_serial: 0,
+        }
+    }
+
     fn insert(&mut self, rec: PinRecord) -> u32 {
         self.live += 1;
         if let Some(i) = self.free.pop() {
@@ -146,6 +164,11 @@ pub(crate) struct Shared {
 }
 
 /// The shared part of an endpoint.
+///
+/// Aligned (like its pin table's buffers, which are preallocated) so that
+/// two endpoints never share a cache line: the hot path writes the lock,
+/// the reference count and the table on every pin.
+#[repr(align(128))]
 pub(crate) struct EndpointCore {
     /// Endpoint ID.
     pub id: u32,
@@ -294,7 +317,7 @@ impl EndpointCore {
             id,
             state: Mutex::new(EndpointState {
                 domain: None,
-                pins: PinTable::default(),
+                pins: PinTable::with_capacity(PIN_TABLE_PREALLOC),
             }),
             shared,
             #[cfg(not(loom))]
