@@ -32,6 +32,10 @@ use crate::tracker::Drain;
 /// Largest device-readable part the engine looks at: the PROBE request.
 const MAX_READABLE: usize = std::mem::size_of::<ReqHead>() + std::mem::size_of::<ReqProbe>();
 const TAIL_LEN: u64 = std::mem::size_of::<ReqTail>() as u64;
+/// Longest chain the engine reads: more than any request needs (the
+/// queue size bounds direct chains, but an indirect table may hold 64k
+/// descriptors); longer chains are returned unread.
+const MAX_CHAIN_DESCRIPTORS: usize = 512;
 
 /// A request whose reply waits for a drain.
 struct Parked {
@@ -141,7 +145,10 @@ impl RequestEngine {
             writable_len: 0,
         };
         self.writable.clear();
-        for desc in chain {
+        for (n, desc) in chain.enumerate() {
+            if n >= MAX_CHAIN_DESCRIPTORS {
+                return None;
+            }
             let len = u64::from(desc.len());
             if desc.is_write_only() {
                 self.writable.push((desc.addr(), desc.len()));
