@@ -30,6 +30,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 const EP: u32 = 1;
 /// Prefilled mappings live here, clear of the MSI window and bench IOVAs.
 const PREFILL: u64 = 1 << 40;
+/// IOVA of the drain-latency bench's mapping.
+const DRAIN_IOVA: u64 = 0x2_0000_0000;
 
 fn harness() -> Harness {
     let mut h = Harness::new(IommuConfig::default());
@@ -228,7 +230,7 @@ fn bench_drain_latency(c: &mut Criterion) {
     g.sample_size(20).measurement_time(Duration::from_secs(3));
     let mut h = harness();
     let ep = h.dev.endpoint(EP).unwrap();
-    let iova = 0x2_0000_0000u64;
+    let iova = DRAIN_IOVA;
     let map = place(&h, BUF_BASE, 3, &map_body(1, iova, iova + 0xfff, 0x5000, 3));
     let unmap = place(&h, BUF_BASE + 0x1000, 4, &unmap_body(1, iova, iova + 0xfff));
     let epoll = Epoll::new().unwrap();
@@ -242,65 +244,55 @@ fn bench_drain_latency(c: &mut Criterion) {
         .unwrap();
     g.bench_function("reply_after_release", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                h.req_driver.add(&h.mem, &map).unwrap();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                h.req_driver.pop_used(&h.mem).unwrap();
-                let pin = ep.pin(iova, 4096, Permissions::Write).unwrap();
-                h.req_driver.add(&h.mem, &unmap).unwrap();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                assert!(h.req_driver.pop_used(&h.mem).is_none(), "must park");
-                let releaser = std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_micros(200));
-                    let t = Instant::now();
-                    drop(pin);
-                    t
-                });
+            reply_latency(&mut h, &ep, &map, &unmap, iters, |_| {
                 let mut events = [EpollEvent::default(); 1];
-                loop {
-                    if epoll.wait(1000, &mut events).unwrap() == 1 {
-                        break;
-                    }
-                }
-                let _ = h.dev.drain_eventfd().read();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                let published = Instant::now();
-                h.req_driver.pop_used(&h.mem).unwrap();
-                let released = releaser.join().unwrap();
-                total += published.duration_since(released);
-            }
-            total
+                while epoll.wait(1000, &mut events).unwrap() != 1 {}
+            })
         })
     });
     g.bench_function("reply_after_release (polling)", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                h.req_driver.add(&h.mem, &map).unwrap();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                h.req_driver.pop_used(&h.mem).unwrap();
-                let pin = ep.pin(iova, 4096, Permissions::Write).unwrap();
-                h.req_driver.add(&h.mem, &unmap).unwrap();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                let releaser = std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_micros(200));
-                    let t = Instant::now();
-                    drop(pin);
-                    t
-                });
+            reply_latency(&mut h, &ep, &map, &unmap, iters, |h| {
                 while !h.dev.poll_parked(Duration::from_millis(1)) {}
-                let _ = h.dev.drain_eventfd().read();
-                h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                let published = Instant::now();
-                h.req_driver.pop_used(&h.mem).unwrap();
-                let released = releaser.join().unwrap();
-                total += published.duration_since(released);
-            }
-            total
+            })
         })
     });
     g.finish();
+}
+
+/// Parks an UNMAP behind a pin that another thread releases, waits with
+/// `wait`, publishes the reply; returns the summed release-to-reply time.
+fn reply_latency(
+    h: &mut Harness,
+    ep: &EndpointHandle,
+    map: &[Buf; 2],
+    unmap: &[Buf; 2],
+    iters: u64,
+    wait: impl Fn(&Harness),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        h.req_driver.add(&h.mem, map).unwrap();
+        h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
+        h.req_driver.pop_used(&h.mem).unwrap();
+        let pin = ep.pin(DRAIN_IOVA, 4096, Permissions::Write).unwrap();
+        h.req_driver.add(&h.mem, unmap).unwrap();
+        h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
+        assert!(h.req_driver.pop_used(&h.mem).is_none(), "must park");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_micros(200));
+            let t = Instant::now();
+            drop(pin);
+            t
+        });
+        wait(h);
+        let _ = h.dev.drain_eventfd().read();
+        h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
+        let published = Instant::now();
+        h.req_driver.pop_used(&h.mem).unwrap();
+        total += published.duration_since(releaser.join().unwrap());
+    }
+    total
 }
 
 criterion_group!(

@@ -60,6 +60,10 @@ fn status_of(h: &Harness, n: u64) -> u8 {
         .unwrap()
 }
 
+fn pin(h: &Harness, ep: u32, iova: u64, len: u64, access: Permissions) -> Pin {
+    h.dev.endpoint(ep).unwrap().pin(iova, len, access).unwrap()
+}
+
 fn process(h: &mut Harness) -> bool {
     h.dev.process_requests(&mut h.reqq, &h.mem).unwrap()
 }
@@ -99,12 +103,7 @@ fn unmap_of_other_range_does_not_wait_for_a_pin() {
 #[test]
 fn requests_behind_a_parked_one_complete_after_it_in_order() {
     let mut h = setup();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin(0x2000, 8, Permissions::Read)
-        .unwrap();
+    let pin = pin(&h, EP, 0x2000, 8, Permissions::Read);
     post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x2000, 0x2fff));
     post(
         &mut h,
@@ -134,12 +133,7 @@ fn requests_behind_a_parked_one_complete_after_it_in_order() {
 #[test]
 fn detach_waits_for_the_endpoints_pins() {
     let mut h = setup();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin(0x8000, 16, Permissions::Write)
-        .unwrap();
+    let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
     let mut b = Vec::new();
     b.extend_from_slice(&1u32.to_le_bytes());
     b.extend_from_slice(&EP.to_le_bytes());
@@ -154,12 +148,7 @@ fn detach_waits_for_the_endpoints_pins() {
 #[test]
 fn attach_moving_the_endpoint_waits_for_its_pins() {
     let mut h = setup();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin(0x8000, 16, Permissions::Write)
-        .unwrap();
+    let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
     let mut b = Vec::new();
     b.extend_from_slice(&2u32.to_le_bytes());
     b.extend_from_slice(&EP.to_le_bytes());
@@ -176,12 +165,7 @@ fn attach_moving_the_endpoint_waits_for_its_pins() {
 fn pins_of_other_endpoints_in_the_domain_are_waited_for_on_unmap() {
     let mut h = setup();
     assert_eq!(h.attach(1, EP + 1, 0), Some(Status::Ok));
-    let pin = h
-        .dev
-        .endpoint(EP + 1)
-        .unwrap()
-        .pin(0x1000, 8, Permissions::Read)
-        .unwrap();
+    let pin = pin(&h, EP + 1, 0x1000, 8, Permissions::Read);
     post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     drop(pin);
@@ -209,12 +193,7 @@ fn pin_spanning_contiguous_mappings_merges_gpa_ranges() {
 fn pin_is_send_and_owned() {
     fn assert_send<T: Send + 'static>(_: &T) {}
     let h = setup();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin(0x1000, 8, Permissions::Read)
-        .unwrap();
+    let pin = pin(&h, EP, 0x1000, 8, Permissions::Read);
     assert_send(&pin);
     let handle = std::thread::spawn(move || pin.len());
     assert_eq!(handle.join().unwrap(), 8);
@@ -285,12 +264,7 @@ fn blocking_wait_revokes_and_returns_when_the_holder_releases() {
 #[test]
 fn reset_drains_pins_of_every_endpoint() {
     let mut h = setup();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin(0x1000, 8, Permissions::Write)
-        .unwrap();
+    let pin = pin(&h, EP, 0x1000, 8, Permissions::Write);
     let t = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(5));
         drop(pin);
