@@ -1,0 +1,456 @@
+//! Command line in Cloud Hypervisor's dialect.
+//!
+//! clap parses the flags; the `key=value,...` option strings are parsed and
+//! validated here so that errors name the offending option.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+/// Raw command line, as clap sees it.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "vmm",
+    version,
+    about = "Small KVM VMM (Cloud Hypervisor CLI dialect)"
+)]
+pub struct Args {
+    /// Guest kernel: ELF vmlinux with a PVH note, or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs loaded next to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// vCPUs: boot=N.
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    pub cpus: String,
+    /// Guest RAM: size=512M|1G|...
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    pub memory: String,
+    /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw (one or more).
+    #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
+    pub disk: Vec<String>,
+    /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
+    #[arg(long, value_name = "tty|file=PATH|null|off", default_value = "tty")]
+    pub serial: String,
+    /// virtio-console: only "off" is supported.
+    #[arg(long, value_name = "off", default_value = "off")]
+    pub console: String,
+}
+
+/// Errors in option values; all map to exit status 2.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{opt}: {msg}")]
+    Invalid { opt: &'static str, msg: String },
+    #[error("--{opt}: file not found or not readable: {path}")]
+    MissingFile { opt: &'static str, path: PathBuf },
+}
+
+fn invalid(opt: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        opt,
+        msg: msg.into(),
+    }
+}
+
+/// Where the serial port's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    Tty,
+    File(PathBuf),
+    Null,
+    Off,
+}
+
+/// One `--disk` value (stored for later phases).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub iommu: bool,
+    pub readonly: bool,
+}
+
+/// Validated VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub mem_size: u64,
+    pub disks: Vec<DiskConfig>,
+    pub serial: SerialMode,
+}
+
+/// Largest guest RAM accepted (RAM above the 3 GiB..4 GiB hole is fine).
+pub const MAX_MEM: u64 = 64 << 30;
+/// Smallest guest RAM accepted.
+pub const MIN_MEM: u64 = 32 << 20;
+/// Most vCPUs accepted (APIC IDs fit in 8 bits, no x2APIC topology yet).
+pub const MAX_CPUS: u8 = 64;
+
+/// Splits `a=1,b=2` into pairs; a bare word becomes `(word, "")`.
+fn split_kv<'a>(
+    opt: &'static str,
+    s: &'a str,
+    known: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for part in s.split(',') {
+        if part.is_empty() {
+            return Err(invalid(opt, format!("empty option in {s:?}")));
+        }
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        if !known.contains(&k) {
+            return Err(invalid(
+                opt,
+                format!("unknown option {k:?} (known: {})", known.join(", ")),
+            ));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(invalid(opt, format!("option {k:?} given twice")));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn parse_on_off(opt: &'static str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(invalid(opt, format!("{key}={v:?}: expected on or off"))),
+    }
+}
+
+/// Parses a size such as `512M`, `1G`, `65536K` or a plain byte count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// Parses `--cpus`.
+pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
+    let kv = split_kv("cpus", s, &["boot"])?;
+    let mut boot = 1u8;
+    for (k, v) in kv {
+        if k == "boot" {
+            boot = v
+                .parse::<u8>()
+                .ok()
+                .filter(|n| (1..=MAX_CPUS).contains(n))
+                .ok_or_else(|| invalid("cpus", format!("boot={v:?}: expected 1..={MAX_CPUS}")))?;
+        }
+    }
+    Ok(boot)
+}
+
+/// Parses `--memory`.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let kv = split_kv("memory", s, &["size"])?;
+    let mut size = None;
+    for (k, v) in kv {
+        if k == "size" {
+            let n = parse_size(v).ok_or_else(|| {
+                invalid("memory", format!("size={v:?}: expected e.g. 512M or 1G"))
+            })?;
+            if !(MIN_MEM..=MAX_MEM).contains(&n) {
+                return Err(invalid(
+                    "memory",
+                    format!("size={v}: must be between 32M and 64G"),
+                ));
+            }
+            if n % 4096 != 0 {
+                return Err(invalid("memory", format!("size={v}: not a multiple of 4K")));
+            }
+            size = Some(n);
+        }
+    }
+    size.ok_or_else(|| invalid("memory", "size=... is required"))
+}
+
+/// Parses one `--disk` value.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let kv = split_kv("disk", s, &["path", "iommu", "readonly", "image_type"])?;
+    let mut path = None;
+    let mut iommu = false;
+    let mut readonly = false;
+    for (k, v) in kv {
+        match k {
+            "path" if v.is_empty() => return Err(invalid("disk", "path= is empty")),
+            "path" => path = Some(PathBuf::from(v)),
+            "iommu" => iommu = parse_on_off("disk", k, v)?,
+            "readonly" => readonly = parse_on_off("disk", k, v)?,
+            "image_type" if v == "raw" => {}
+            "image_type" => {
+                return Err(invalid(
+                    "disk",
+                    format!("image_type={v:?}: only raw is supported"),
+                ))
+            }
+            _ => unreachable!("split_kv checked the key"),
+        }
+    }
+    let path = path.ok_or_else(|| invalid("disk", format!("{s:?}: path=... is required")))?;
+    Ok(DiskConfig {
+        path,
+        iommu,
+        readonly,
+    })
+}
+
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
+    match s {
+        "tty" => Ok(SerialMode::Tty),
+        "null" => Ok(SerialMode::Null),
+        "off" => Ok(SerialMode::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+            _ => Err(invalid(
+                "serial",
+                format!("{s:?}: expected tty, file=PATH, null or off"),
+            )),
+        },
+    }
+}
+
+fn check_file(opt: &'static str, p: &Path) -> Result<(), ConfigError> {
+    match std::fs::File::open(p).and_then(|f| f.metadata()) {
+        Ok(m) if !m.is_dir() => Ok(()),
+        _ => Err(ConfigError::MissingFile {
+            opt,
+            path: p.to_path_buf(),
+        }),
+    }
+}
+
+impl VmConfig {
+    /// Validates option values without touching the file system.
+    pub fn parse(args: &Args) -> Result<Self, ConfigError> {
+        if args.console != "off" {
+            return Err(invalid(
+                "console",
+                format!(
+                    "{:?}: only off is supported (no virtio-console)",
+                    args.console
+                ),
+            ));
+        }
+        if args.cmdline.contains('\0') {
+            return Err(invalid("cmdline", "contains a NUL byte"));
+        }
+        Ok(VmConfig {
+            kernel: args.kernel.clone(),
+            initramfs: args.initramfs.clone(),
+            cmdline: args.cmdline.clone(),
+            cpus: parse_cpus(&args.cpus)?,
+            mem_size: parse_memory(&args.memory)?,
+            disks: args
+                .disk
+                .iter()
+                .map(|d| parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            serial: parse_serial(&args.serial)?,
+        })
+    }
+
+    /// Checks that every input file exists and can be opened.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        check_file("kernel", &self.kernel)?;
+        if let Some(i) = &self.initramfs {
+            check_file("initramfs", i)?;
+        }
+        for d in &self.disks {
+            check_file("disk", &d.path)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut v = vec!["vmm", "--kernel", "/k"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v)
+    }
+
+    fn cfg(extra: &[&str]) -> Result<VmConfig, ConfigError> {
+        VmConfig::parse(&args(extra).expect("clap"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.mem_size, 512 << 20);
+        assert_eq!(c.serial, SerialMode::Tty);
+        assert!(c.disks.is_empty());
+        assert!(c.initramfs.is_none());
+    }
+
+    #[test]
+    fn bed_command_line() {
+        let c = cfg(&[
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=1G",
+            "--disk",
+            "path=/a,iommu=on,image_type=raw",
+            "path=/b,iommu=off,readonly=on,image_type=raw",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.mem_size, 1 << 30);
+        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskConfig {
+                    path: "/a".into(),
+                    iommu: true,
+                    readonly: false
+                },
+                DiskConfig {
+                    path: "/b".into(),
+                    iommu: false,
+                    readonly: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_disk_flag() {
+        let c = cfg(&["--disk", "path=/a", "--disk", "path=/b"]).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert!(!c.disks[0].iommu && !c.disks[0].readonly);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("65536K"), Some(64 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+    }
+
+    #[test]
+    fn bad_memory() {
+        for m in [
+            "size=",
+            "size=12X",
+            "size=1M",
+            "size=1000G",
+            "foo=1G",
+            "512M",
+            "size=33554433",
+        ] {
+            assert!(parse_memory(m).is_err(), "{m}");
+        }
+        assert_eq!(parse_memory("size=3584M").unwrap(), 3584 << 20);
+    }
+
+    #[test]
+    fn bad_cpus() {
+        for c in [
+            "boot=0",
+            "boot=x",
+            "boot=",
+            "max=2",
+            "boot=1,boot=2",
+            "boot=255",
+        ] {
+            assert!(parse_cpus(c).is_err(), "{c}");
+        }
+        assert_eq!(parse_cpus("boot=4").unwrap(), 4);
+    }
+
+    #[test]
+    fn bad_disks() {
+        for d in [
+            "iommu=on",
+            "path=",
+            "path=/a,iommu=yes",
+            "path=/a,image_type=qcow2",
+            "path=/a,direct=on",
+            "path=/a,,iommu=on",
+            "path=/a,path=/b",
+            "path=/a,readonly=1",
+        ] {
+            assert!(parse_disk(d).is_err(), "{d}");
+        }
+        let e = parse_disk("path=/a,image_type=qcow2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only raw"), "{e}");
+    }
+
+    #[test]
+    fn serial_and_console() {
+        assert_eq!(
+            parse_serial("file=/tmp/x").unwrap(),
+            SerialMode::File("/tmp/x".into())
+        );
+        assert_eq!(parse_serial("off").unwrap(), SerialMode::Off);
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("pty").is_err());
+        assert!(cfg(&["--console", "tty"]).is_err());
+    }
+
+    #[test]
+    fn clap_rejects() {
+        assert!(Args::try_parse_from(["vmm"]).is_err(), "kernel required");
+        assert!(args(&["--bogus"]).is_err());
+        assert!(args(&["--disk"]).is_err());
+        // clap's own usage errors exit with status 2.
+        assert_eq!(args(&["--bogus"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let c = cfg(&["--initramfs", "/nonexistent/initrd"]).unwrap();
+        let mut c2 = c.clone();
+        c2.kernel = std::env::current_exe().unwrap();
+        let e = c2.check_files().unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::MissingFile {
+                opt: "initramfs",
+                path: "/nonexistent/initrd".into()
+            }
+        );
+        assert!(e.to_string().contains("/nonexistent/initrd"));
+        assert!(c.check_files().is_err());
+    }
+}

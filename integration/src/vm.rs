@@ -1,0 +1,490 @@
+//! The VM: KVM objects, guest memory, legacy devices and vCPU threads.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{load_guest, BootEntry};
+use crate::cli::{SerialMode, VmConfig};
+use crate::cpu::setup_vcpu;
+use crate::layout::*;
+use crate::rtc::{Rtc, RTC_DATA, RTC_INDEX};
+
+/// Errors while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error("vCPU {0}: {1}")]
+    Cpu(u8, crate::cpu::CpuError),
+    #[error("serial output {0}: {1}")]
+    SerialOutput(String, std::io::Error),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("spawning vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(what, e)
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// Guest asked for a reset (i8042, triple fault, KVM system event).
+    Reset(String),
+    /// Guest powered off (KVM system event, or every vCPU halted with
+    /// interrupts disabled: Linux's `poweroff` without ACPI).
+    Shutdown(String),
+    /// Something went wrong; carries the message.
+    Error(String),
+}
+
+impl VmExit {
+    /// Process exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::Reset(_) | VmExit::Shutdown(_) => 0,
+            VmExit::Error(_) => 1,
+        }
+    }
+}
+
+/// Serial interrupt line: an eventfd wired to GSI 4 with KVM_IRQFD.
+pub struct EventFdTrigger(EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+type SerialDevice = Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+const COM1: u16 = 0x3f8;
+const I8042_CMD: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+const I8042_STATUS_OBF: u8 = 0x01;
+
+/// Port I/O devices shared by the vCPU threads.
+pub struct PioBus {
+    serial: Option<Mutex<SerialDevice>>,
+    rtc: Mutex<Rtc>,
+}
+
+/// What a port write asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PioAction {
+    None,
+    Reset,
+}
+
+impl PioBus {
+    /// A bus with an optional serial port (COM1) and the CMOS RTC.
+    pub fn new(serial: Option<Mutex<SerialDevice>>) -> Self {
+        PioBus {
+            serial,
+            rtc: Mutex::new(Rtc::new()),
+        }
+    }
+
+    /// Handles an IN; unknown ports read as all ones (absent hardware).
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match (port, &self.serial) {
+            (COM1..=0x3ff, Some(s)) if data.len() == 1 => {
+                data[0] = s.lock().unwrap().read((port - COM1) as u8);
+            }
+            (RTC_INDEX | RTC_DATA, _) if data.len() == 1 => {
+                data[0] = self.rtc.lock().unwrap().read(port);
+            }
+            // No i8042: a status with "output buffer full" that never drains
+            // tells Linux at once that there is no controller (a zero status
+            // makes it wait for replies), and "input buffer empty" lets the
+            // keyboard-controller reset go out without a long busy wait.
+            (I8042_CMD, _) => data.fill(I8042_STATUS_OBF),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Handles an OUT.
+    pub fn write(&self, port: u16, data: &[u8]) -> PioAction {
+        match (port, &self.serial) {
+            (COM1..=0x3ff, Some(s)) if data.len() == 1 => {
+                if let Err(e) = s.lock().unwrap().write((port - COM1) as u8, data[0]) {
+                    log::warn!("serial write: {e:?}");
+                }
+                PioAction::None
+            }
+            (I8042_CMD, _) if data.first() == Some(&I8042_RESET) => PioAction::Reset,
+            (RTC_INDEX | RTC_DATA, _) if data.len() == 1 => {
+                self.rtc.lock().unwrap().write(port, data[0]);
+                PioAction::None
+            }
+            _ => PioAction::None,
+        }
+    }
+
+    /// Flushes the serial output.
+    pub fn flush(&self) {
+        if let Some(s) = &self.serial {
+            let _ = s.lock().unwrap().writer_mut().flush();
+        }
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<PioBus>,
+    _mem: GuestMemoryMmap,
+}
+
+fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+    Ok(match mode {
+        SerialMode::Tty => Some(Box::new(std::io::stdout())),
+        SerialMode::Null => Some(Box::new(std::io::sink())),
+        SerialMode::Off => None,
+        SerialMode::File(p) => {
+            let f = std::fs::File::create(p)
+                .map_err(|e| VmError::SerialOutput(p.display().to_string(), e))?;
+            Some(Box::new(std::io::LineWriter::new(f)))
+        }
+    })
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and sets up the vCPUs.
+    pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
+        let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(cfg.mem_size)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping belongs to `mem`, which the Vm keeps alive
+            // for as long as the VM fd exists.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let mp = crate::mptable::build(cfg.cpus, crate::mptable::MPTABLE_START);
+        mem.write_slice(&mp, GuestAddress(crate::mptable::MPTABLE_START))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+
+        let entry: BootEntry = load_guest(
+            &mem,
+            cfg.mem_size,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cfg.cmdline,
+        )?;
+
+        let serial = match serial_output(&cfg.serial)? {
+            Some(out) => {
+                let evt = EventFd::new(libc_efd_nonblock()).map_err(VmError::EventFd)?;
+                vm.register_irqfd(&evt, 4).map_err(kvm("KVM_IRQFD"))?;
+                Some(Mutex::new(Serial::new(EventFdTrigger(evt), out)))
+            }
+            None => None,
+        };
+
+        let supported = kvm_sys
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.cpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            setup_vcpu(&vcpu, id, cfg.cpus, &supported, &mem, entry)
+                .map_err(|e| VmError::Cpu(id, e))?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _kvm: kvm_sys,
+            vm,
+            vcpus,
+            pio: Arc::new(PioBus::new(serial)),
+            _mem: mem,
+        })
+    }
+
+    /// Runs the vCPUs until the guest resets, shuts down or fails; returns
+    /// why. vCPU threads still blocked in KVM_RUN are left behind: the caller
+    /// is expected to exit the process.
+    pub fn run(self) -> Result<VmExit, VmError> {
+        let Vm {
+            _kvm,
+            vm,
+            vcpus,
+            pio,
+            _mem,
+        } = self;
+        let (tx, rx) = mpsc::channel::<VmExit>();
+        let kick = SIGRTMIN();
+        register_signal_handler(kick, noop_signal_handler)
+            .map_err(|e| VmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        let states: Arc<Vec<AtomicU8>> =
+            Arc::new((0..vcpus.len()).map(|_| AtomicU8::new(RUNNING)).collect());
+        let mut handles = Vec::new();
+        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+            let tx = tx.clone();
+            let pio = pio.clone();
+            let states = states.clone();
+            let h = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let exit = vcpu_loop(id, &mut vcpu, &pio, &states[id]);
+                    let _ = tx.send(exit);
+                    // Keep the fd open until the process exits.
+                    std::mem::forget(vcpu);
+                })
+                .map_err(VmError::Thread)?;
+            handles.push(h);
+        }
+        drop(tx);
+        // Without ACPI, Linux's poweroff ends in `cli; hlt` on every CPU,
+        // which the in-kernel irqchip never reports. Kick the vCPUs now and
+        // then; each one records whether it sat halted with interrupts off.
+        let mut quiet_ticks = 0;
+        let exit = loop {
+            match rx.recv_timeout(HALT_CHECK_INTERVAL) {
+                Ok(exit) => break exit,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    break VmExit::Error("all vCPU threads ended".into())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let snapshot: Vec<u8> = states.iter().map(|s| s.load(Ordering::Acquire)).collect();
+            if all_stopped(&snapshot) {
+                quiet_ticks += 1;
+                if quiet_ticks >= HALT_CHECKS_TO_STOP {
+                    break VmExit::Shutdown(
+                        "all vCPUs halted with interrupts disabled (poweroff without ACPI)".into(),
+                    );
+                }
+            } else {
+                quiet_ticks = 0;
+            }
+            for h in &handles {
+                let _ = h.kill(kick);
+            }
+        };
+        pio.flush();
+        // Other vCPUs may still be inside KVM_RUN: never unmap guest memory
+        // or close the VM under them; the process exits next.
+        std::mem::forget(vm);
+        std::mem::forget(_mem);
+        std::mem::forget(_kvm);
+        Ok(exit)
+    }
+}
+
+fn libc_efd_nonblock() -> i32 {
+    libc::EFD_NONBLOCK
+}
+
+/// vCPU run states as seen at the last kick.
+const RUNNING: u8 = 0;
+/// Halted with interrupts disabled: only an NMI or INIT could wake it.
+const HALTED_IF0: u8 = 1;
+/// An AP that never received its startup IPI.
+const NOT_STARTED: u8 = 2;
+
+const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+const HALT_CHECKS_TO_STOP: u32 = 2;
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// True when no vCPU can make progress: every one is halted with interrupts
+/// off or was never started, and at least one is halted.
+pub fn all_stopped(states: &[u8]) -> bool {
+    states.iter().all(|&s| s != RUNNING) && states.contains(&HALTED_IF0)
+}
+
+/// Classifies a vCPU interrupted by the kick signal.
+fn classify(vcpu: &VcpuFd) -> u8 {
+    let Ok(mp) = vcpu.get_mp_state() else {
+        return RUNNING;
+    };
+    match mp.mp_state {
+        KVM_MP_STATE_HALTED => match vcpu.get_regs() {
+            Ok(r) if r.rflags & (1 << 9) == 0 => HALTED_IF0,
+            _ => RUNNING,
+        },
+        KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => NOT_STARTED,
+        _ => RUNNING,
+    }
+}
+
+fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, state: &AtomicU8) -> VmExit {
+    loop {
+        let r = vcpu.run();
+        if !matches!(&r, Err(e) if e.errno() == libc::EINTR) {
+            state.store(RUNNING, Ordering::Release);
+        }
+        match r {
+            Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if pio.write(port, data) == PioAction::Reset {
+                    return VmExit::Reset(format!("i8042 reset on vCPU {id}"));
+                }
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Hlt) => {
+                // Only seen without an in-kernel LAPIC; keep going.
+            }
+            Ok(VcpuExit::Shutdown) => {
+                return VmExit::Reset(format!("triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id}"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, data)) => {
+                return match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        VmExit::Shutdown(format!("system event shutdown on vCPU {id}"))
+                    }
+                    KVM_SYSTEM_EVENT_RESET => {
+                        VmExit::Reset(format!("system event reset on vCPU {id}"))
+                    }
+                    KVM_SYSTEM_EVENT_CRASH => {
+                        VmExit::Error(format!("guest crash event on vCPU {id}"))
+                    }
+                    _ => {
+                        VmExit::Error(format!("unknown system event {kind} {data:?} on vCPU {id}"))
+                    }
+                }
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return VmExit::Error(format!(
+                    "KVM_EXIT_FAIL_ENTRY on vCPU {id}: hardware reason {reason:#x}, cpu {cpu}"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return VmExit::Error(format!("KVM_EXIT_INTERNAL_ERROR on vCPU {id}"))
+            }
+            Ok(other) => {
+                return VmExit::Error(format!("unhandled vCPU {id} exit: {other:?}"));
+            }
+            Err(e) if e.errno() == libc::EINTR => state.store(classify(vcpu), Ordering::Release),
+            Err(e) if e.errno() == libc::EAGAIN => {}
+            Err(e) => return VmExit::Error(format!("KVM_RUN on vCPU {id}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i8042_reset_and_absent_ports() {
+        let bus = PioBus::new(None);
+        assert_eq!(bus.write(0x64, &[0xfe]), PioAction::Reset);
+        assert_eq!(bus.write(0x64, &[0xd1]), PioAction::None);
+        assert_eq!(bus.write(0x80, &[0xfe]), PioAction::None);
+        let mut b = [0u8; 1];
+        bus.read(0x64, &mut b);
+        assert_eq!(b, [0x01], "output full, input empty");
+        bus.read(0x60, &mut b);
+        assert_eq!(b, [0xff]);
+        bus.write(0x70, &[0x0d]);
+        bus.read(0x71, &mut b);
+        assert_eq!(b, [0x80]);
+        let mut w = [0u8; 4];
+        bus.read(0xcfc, &mut w);
+        assert_eq!(w, [0xff; 4]);
+    }
+
+    #[test]
+    fn serial_output_reaches_writer() {
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let evt = EventFd::new(libc_efd_nonblock()).unwrap();
+        let serial = Serial::new(
+            EventFdTrigger(evt.try_clone().unwrap()),
+            Box::new(Shared(buf.clone())) as Box<dyn Write + Send>,
+        );
+        let bus = PioBus::new(Some(Mutex::new(serial)));
+        // Enable the THR-empty interrupt, then send two bytes.
+        bus.write(0x3f9, &[0x02]);
+        bus.write(0x3f8, b"o");
+        bus.write(0x3f8, b"k");
+        assert_eq!(&*buf.lock().unwrap(), b"ok");
+        assert!(evt.read().unwrap() >= 1, "interrupt raised");
+        let mut lsr = [0u8];
+        bus.read(0x3fd, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn halt_detection() {
+        assert!(all_stopped(&[HALTED_IF0]));
+        assert!(all_stopped(&[HALTED_IF0, NOT_STARTED]));
+        assert!(all_stopped(&[HALTED_IF0, HALTED_IF0]));
+        assert!(!all_stopped(&[RUNNING]));
+        assert!(!all_stopped(&[NOT_STARTED, NOT_STARTED]));
+        assert!(!all_stopped(&[HALTED_IF0, RUNNING]));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmExit::Reset("x".into()).exit_code(), 0);
+        assert_eq!(VmExit::Shutdown("x".into()).exit_code(), 0);
+        assert_eq!(VmExit::Error("x".into()).exit_code(), 1);
+    }
+}
