@@ -106,6 +106,7 @@ fn main() {
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
         "kvm-check" => scenarios::kvm_check(),
+        "boot" => scenarios::boot(),
         other => Err(format!("unknown scenario {other:?}")),
     };
     match result {

@@ -658,6 +658,24 @@ pub fn churn(p: &Params) -> Res<String> {
 // ------------------------------------------------------------ kvm-check
 
 /// Used inside L1: /dev/kvm answers, a VM and a vCPU can be created.
+/// boot: the guest reached userspace; reports what it sees of the machine.
+pub fn boot() -> Res<String> {
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/online")
+        .map_err(|e| format!("read cpu/online: {e}"))?;
+    let meminfo = fs::read_to_string("/proc/meminfo").map_err(|e| format!("read meminfo: {e}"))?;
+    let mem_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or("no MemTotal in /proc/meminfo")?;
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(format!(
+        "cpus={} mem_kib={mem_kib} kernel={}",
+        cpus.trim(),
+        release.trim()
+    ))
+}
+
 pub fn kvm_check() -> Res<String> {
     const KVM_GET_API_VERSION: u64 = 0xae00;
     const KVM_CREATE_VM: u64 = 0xae01;
