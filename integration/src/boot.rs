@@ -151,6 +151,7 @@ pub fn load_guest(
                 cmdline_paddr: CMDLINE_START,
                 memmap_paddr: PVH_MEMMAP_START,
                 memmap_entries: map.len() as u32,
+                rsdp_paddr: crate::acpi::RSDP_START,
                 ..Default::default()
             };
             let memmap: Vec<hvm_memmap_table_entry> = map
@@ -190,6 +191,7 @@ pub fn load_guest(
             bp.hdr.header = 0x5372_6448; // "HdrS"
             bp.hdr.cmd_line_ptr = CMDLINE_START as u32;
             bp.hdr.cmdline_size = cmdline_len;
+            bp.acpi_rsdp_addr = crate::acpi::RSDP_START;
             if let Some((addr, len)) = initrd {
                 bp.hdr.ramdisk_image = addr as u32;
                 bp.hdr.ramdisk_size = len as u32;

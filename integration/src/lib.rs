@@ -1,10 +1,12 @@
 //! A small KVM VMM for x86_64 in Cloud Hypervisor's command-line dialect.
 //!
 //! Phase 1: boots a Linux guest (PVH ELF vmlinux or bzImage) with an
-//! initramfs, an in-kernel irqchip and PIT, an MP table (SMP without ACPI),
-//! a CMOS RTC and a 16550 serial console on COM1. `--disk` options are
-//! parsed and validated for later phases.
+//! initramfs, an in-kernel irqchip and PIT, hardware-reduced ACPI tables
+//! (MADT, power-off through an ACPI sleep register) and an MP table, a CMOS
+//! RTC and a 16550 serial console on COM1. `--disk` options are parsed and
+//! validated for later phases.
 
+pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpu;

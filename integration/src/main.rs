@@ -5,7 +5,9 @@ use clap::Parser;
 use vmm::{Args, Vm, VmConfig};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Warnings, plus the VMM's own one-line stop reason (info).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,vmm=info"))
+        .init();
     // clap prints its own message and exits with status 2 on bad usage.
     let args = Args::parse();
     let cfg = match VmConfig::parse(&args).and_then(|c| c.check_files().map(|()| c)) {

@@ -18,6 +18,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::acpi::{sleep_port_write, SleepPortAction, ACPI_SLEEP_PORT};
 use crate::boot::{load_guest, BootEntry};
 use crate::cli::{SerialMode, VmConfig};
 use crate::cpu::setup_vcpu;
@@ -52,8 +53,9 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub enum VmExit {
     /// Guest asked for a reset (i8042, triple fault, KVM system event).
     Reset(String),
-    /// Guest powered off (KVM system event, or every vCPU halted with
-    /// interrupts disabled: Linux's `poweroff` without ACPI).
+    /// Guest powered off (ACPI sleep register, KVM system event, or every
+    /// vCPU halted with interrupts disabled: Linux's `poweroff` without
+    /// ACPI).
     Shutdown(String),
     /// Something went wrong; carries the message.
     Error(String),
@@ -97,6 +99,10 @@ pub struct PioBus {
 pub enum PioAction {
     None,
     Reset,
+    /// ACPI reset register.
+    AcpiReset,
+    /// ACPI sleep control register, S5 with SLP_EN.
+    AcpiPowerOff,
 }
 
 impl PioBus {
@@ -122,6 +128,8 @@ impl PioBus {
             // makes it wait for replies), and "input buffer empty" lets the
             // keyboard-controller reset go out without a long busy wait.
             (I8042_CMD, _) => data.fill(I8042_STATUS_OBF),
+            // Sleep status: never asleep, WAK_STS clear.
+            (ACPI_SLEEP_PORT, _) => data.fill(0),
             _ => data.fill(0xff),
         }
     }
@@ -136,6 +144,11 @@ impl PioBus {
                 PioAction::None
             }
             (I8042_CMD, _) if data.first() == Some(&I8042_RESET) => PioAction::Reset,
+            (ACPI_SLEEP_PORT, _) if data.len() == 1 => match sleep_port_write(data[0]) {
+                SleepPortAction::PowerOff => PioAction::AcpiPowerOff,
+                SleepPortAction::Reset => PioAction::AcpiReset,
+                SleepPortAction::None => PioAction::None,
+            },
             (RTC_INDEX | RTC_DATA, _) if data.len() == 1 => {
                 self.rtc.lock().unwrap().write(port, data[0]);
                 PioAction::None
@@ -212,8 +225,13 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        // Linux takes CPUs and interrupt wiring from the ACPI MADT; the MP
+        // table only serves guests booted with acpi=off.
         let mp = crate::mptable::build(cfg.cpus, crate::mptable::MPTABLE_START);
         mem.write_slice(&mp, GuestAddress(crate::mptable::MPTABLE_START))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START);
+        mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
 
         let entry: BootEntry = load_guest(
@@ -289,7 +307,8 @@ impl Vm {
             handles.push(h);
         }
         drop(tx);
-        // Without ACPI, Linux's poweroff ends in `cli; hlt` on every CPU,
+        // Linux powers off through the ACPI sleep register; booted with
+        // acpi=off, its poweroff ends in `cli; hlt` on every CPU,
         // which the in-kernel irqchip never reports. Kick the vCPUs now and
         // then; each one records whether it sat halted with interrupts off.
         let mut quiet_ticks = 0;
@@ -371,11 +390,18 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, state: &AtomicU8) -> Vm
         }
         match r {
             Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => {
-                if pio.write(port, data) == PioAction::Reset {
-                    return VmExit::Reset(format!("i8042 reset on vCPU {id}"));
+            Ok(VcpuExit::IoOut(port, data)) => match pio.write(port, data) {
+                PioAction::None => {}
+                PioAction::Reset => return VmExit::Reset(format!("i8042 reset on vCPU {id}")),
+                PioAction::AcpiReset => {
+                    return VmExit::Reset(format!("ACPI reset register on vCPU {id}"))
                 }
-            }
+                PioAction::AcpiPowerOff => {
+                    return VmExit::Shutdown(format!(
+                        "ACPI sleep register: S5 power-off on vCPU {id}"
+                    ))
+                }
+            },
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(..)) => {}
             Ok(VcpuExit::Hlt) => {
@@ -428,6 +454,9 @@ mod tests {
         assert_eq!(bus.write(0x64, &[0xfe]), PioAction::Reset);
         assert_eq!(bus.write(0x64, &[0xd1]), PioAction::None);
         assert_eq!(bus.write(0x80, &[0xfe]), PioAction::None);
+        assert_eq!(bus.write(0x3c0, &[0x80]), PioAction::None);
+        assert_eq!(bus.write(0x3c0, &[0x34]), PioAction::AcpiPowerOff);
+        assert_eq!(bus.write(0x3c0, &[0x01]), PioAction::AcpiReset);
         let mut b = [0u8; 1];
         bus.read(0x64, &mut b);
         assert_eq!(b, [0x01], "output full, input empty");
