@@ -249,21 +249,12 @@ impl Harness {
 
     /// ATTACH.
     pub fn attach(&mut self, domain: u32, endpoint: u32, flags: u32) -> Option<Status> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&domain.to_le_bytes());
-        b.extend_from_slice(&endpoint.to_le_bytes());
-        b.extend_from_slice(&flags.to_le_bytes());
-        b.extend_from_slice(&[0; 4]);
-        self.simple(req_type::ATTACH, &b)
+        self.simple(req_type::ATTACH, &attach_body(domain, endpoint, flags))
     }
 
     /// DETACH.
     pub fn detach(&mut self, domain: u32, endpoint: u32) -> Option<Status> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&domain.to_le_bytes());
-        b.extend_from_slice(&endpoint.to_le_bytes());
-        b.extend_from_slice(&[0; 8]);
-        self.simple(req_type::DETACH, &b)
+        self.simple(req_type::DETACH, &detach_body(domain, endpoint))
     }
 
     /// MAP.
@@ -282,6 +273,25 @@ impl Harness {
     pub fn unmap(&mut self, domain: u32, start: u64, end: u64) -> Option<Status> {
         self.simple(req_type::UNMAP, &unmap_body(domain, start, end))
     }
+}
+
+/// The body of an ATTACH request (reserved bytes zero).
+pub fn attach_body(domain: u32, endpoint: u32, flags: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&domain.to_le_bytes());
+    b.extend_from_slice(&endpoint.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b
+}
+
+/// The body of a DETACH request (reserved bytes zero).
+pub fn detach_body(domain: u32, endpoint: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&domain.to_le_bytes());
+    b.extend_from_slice(&endpoint.to_le_bytes());
+    b.extend_from_slice(&[0; 8]);
+    b
 }
 
 /// The body of a MAP request.

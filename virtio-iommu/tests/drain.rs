@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_iommu::protocol::req_type;
-use virtio_iommu::testing::{map_body, unmap_body, Buf, Harness, BUF_BASE};
+use virtio_iommu::testing::{
+    attach_body, detach_body, map_body, unmap_body, Buf, Harness, BUF_BASE,
+};
 use virtio_iommu::{IommuConfig, Pin, Status};
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
@@ -134,11 +136,7 @@ fn requests_behind_a_parked_one_complete_after_it_in_order() {
 fn detach_waits_for_the_endpoints_pins() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
-    let mut b = Vec::new();
-    b.extend_from_slice(&1u32.to_le_bytes());
-    b.extend_from_slice(&EP.to_le_bytes());
-    b.extend_from_slice(&[0; 8]);
-    post(&mut h, 0, req_type::DETACH, &b);
+    post(&mut h, 0, req_type::DETACH, &detach_body(1, EP));
     assert!(!process(&mut h));
     drop(pin);
     assert!(process(&mut h));
@@ -149,11 +147,7 @@ fn detach_waits_for_the_endpoints_pins() {
 fn attach_moving_the_endpoint_waits_for_its_pins() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
-    let mut b = Vec::new();
-    b.extend_from_slice(&2u32.to_le_bytes());
-    b.extend_from_slice(&EP.to_le_bytes());
-    b.extend_from_slice(&[0; 8]);
-    post(&mut h, 0, req_type::ATTACH, &b);
+    post(&mut h, 0, req_type::ATTACH, &attach_body(2, EP, 0));
     assert!(!process(&mut h));
     assert_eq!(h.dev.address_space().attached_domain(EP), Some(2));
     drop(pin);

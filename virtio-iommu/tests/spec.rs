@@ -3,7 +3,7 @@
 
 use virtio_iommu::config::{ReservedKind, ReservedRegion};
 use virtio_iommu::protocol::{features::*, req_type, CONFIG_BYPASS_OFFSET};
-use virtio_iommu::testing::{map_body, Harness};
+use virtio_iommu::testing::{attach_body, map_body, Harness};
 use virtio_iommu::{IommuConfig, Limits, Status};
 use vm_memory::Permissions;
 
@@ -175,9 +175,7 @@ fn unrecognized_type_is_not_written_and_used_length_is_zero() {
 fn device_must_ignore_reserved_of_head_and_zero_reserved_of_tail() {
     let mut h = harness();
     let mut r = vec![req_type::ATTACH, 0xaa, 0xbb, 0xcc];
-    r.extend_from_slice(&1u32.to_le_bytes());
-    r.extend_from_slice(&EP.to_le_bytes());
-    r.extend_from_slice(&[0; 8]);
+    r.extend_from_slice(&attach_body(1, EP, 0));
     let reply = h.request(&r, 4);
     assert_eq!(reply.used_len, 4);
     assert_eq!(reply.written, vec![0, 0, 0, 0]);

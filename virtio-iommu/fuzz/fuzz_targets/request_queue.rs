@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use virtio_iommu::testing::{map_body, unmap_body, Buf, Harness, BUF_BASE};
+use virtio_iommu::testing::{attach_body, map_body, unmap_body, Buf, Harness, BUF_BASE};
 use virtio_iommu::{IommuConfig, Limits, Pin, Status};
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
@@ -129,11 +129,9 @@ impl Fuzz {
                 let mut req = vec![0u8; 4];
                 match t {
                     0 | 1 => {
+                        // ATTACH, or DETACH with the flag in its reserved bytes.
                         req[0] = t + 1;
-                        req.extend_from_slice(&domain.to_le_bytes());
-                        req.extend_from_slice(&ep.to_le_bytes());
-                        req.extend_from_slice(&(flags & 1).to_le_bytes());
-                        req.extend_from_slice(&[0; 4]);
+                        req.extend_from_slice(&attach_body(domain, ep, flags & 1));
                     }
                     2 => {
                         req[0] = 3;
@@ -254,9 +252,7 @@ fn check(data: &[u8]) {
     f.process();
     assert!(f.h.dev.parked_drain().is_none());
     let mut req = vec![1u8, 0, 0, 0];
-    req.extend_from_slice(&100u32.to_le_bytes()); // never created by the steps
-    req.extend_from_slice(&2u32.to_le_bytes());
-    req.extend_from_slice(&[0; 8]);
+    req.extend_from_slice(&attach_body(100, 2, 0)); // domain 100: never created by the steps
     let tail = f.send(&req);
     let st: u8 = f.h.mem.read_obj(tail).unwrap();
     assert!(
