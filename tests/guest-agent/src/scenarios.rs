@@ -417,25 +417,31 @@ fn race_offsets(cfg: &RaceCfg, n: u64) -> (u64, u64) {
     (base, base + 2 * MIB)
 }
 
+/// Maps the buffer, submits the filler READ and the racing READ for round
+/// `n`, waits the pause and returns the slots that already completed.
+fn start_race(dev: &mut VirtioBlk, cfg: &RaceCfg, data: &HugeBuf, n: u64) -> Res<Vec<u16>> {
+    let (fo, ro) = race_offsets(cfg, n);
+    data.fill(0, cfg.race_len, 0x3c);
+    dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
+    dev.push(
+        0,
+        VIRTIO_BLK_T_IN,
+        fo / 512,
+        RING_IOVA + SCRATCH_OFF as u64,
+        cfg.filler_len as u32,
+    );
+    dev.push(1, VIRTIO_BLK_T_IN, ro / 512, DATA_IOVA, cfg.race_len as u32);
+    dev.notify()?;
+    std::thread::sleep(cfg.pause);
+    Ok(dev.pop_used().iter().map(|c| c.slot).collect())
+}
+
 fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
     let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
     let mut st = RaceStats::default();
     for r in 0..cfg.rounds {
         phase("dma-race unmap: round", r);
-        let (fo, ro) = race_offsets(cfg, first_round + r);
-        data.fill(0, cfg.race_len, 0x3c);
-        dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
-        dev.push(
-            0,
-            VIRTIO_BLK_T_IN,
-            fo / 512,
-            RING_IOVA + SCRATCH_OFF as u64,
-            cfg.filler_len as u32,
-        );
-        dev.push(1, VIRTIO_BLK_T_IN, ro / 512, DATA_IOVA, cfg.race_len as u32);
-        dev.notify()?;
-        std::thread::sleep(cfg.pause);
-        let mut done: Vec<u16> = dev.pop_used().iter().map(|c| c.slot).collect();
+        let mut done = start_race(&mut dev, cfg, data, first_round + r)?;
         if !done.contains(&1) {
             st.inflight_at_unmap += 1;
         }
@@ -473,21 +479,8 @@ fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Re
     let mut st = RaceStats::default();
     for r in 0..cfg.rounds {
         phase("dma-race detach: open", r);
-        let (fo, ro) = race_offsets(cfg, first_round + r);
         let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
-        data.fill(0, cfg.race_len, 0x3c);
-        dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
-        dev.push(
-            0,
-            VIRTIO_BLK_T_IN,
-            fo / 512,
-            RING_IOVA + SCRATCH_OFF as u64,
-            cfg.filler_len as u32,
-        );
-        dev.push(1, VIRTIO_BLK_T_IN, ro / 512, DATA_IOVA, cfg.race_len as u32);
-        dev.notify()?;
-        std::thread::sleep(cfg.pause);
-        let done: Vec<u16> = dev.pop_used().iter().map(|c| c.slot).collect();
+        let done = start_race(&mut dev, cfg, data, first_round + r)?;
         if !done.contains(&1) {
             st.inflight_at_unmap += 1;
         }
