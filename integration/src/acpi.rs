@@ -9,20 +9,23 @@
 //! the DSDT's `_S5_` package gives the S5 sleep type Linux writes there.
 
 use acpi_tables::aml::{
-    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name,
-    Package, ResourceTemplate, Zero, IO,
+    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt,
+    Memory32Fixed, Name, Package, ResourceTemplate, Zero, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
+use acpi_tables::viot::{PciDevice, PciRange, VirtIoPciIommu, VIOT};
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 use crate::mptable::{IOAPIC_ADDR, LAPIC_ADDR};
+use crate::pci::{Bdf, BAR_WINDOW_END, BAR_WINDOW_START, ECAM_BASE, ECAM_SIZE};
 
 /// Where the RSDP goes: in the BIOS area Linux scans (0xe0000..0xfffff),
 /// below the MP table at 0xf0000. The other tables follow it.
@@ -111,7 +114,8 @@ fn rtc() -> Vec<u8> {
 }
 
 /// The PCI host bridge: bus 0, the 0xcf8 config ports, the I/O space
-/// outside them and the 32-bit MMIO hole below the IOAPIC.
+/// outside them and the 32-bit BAR window (below ECAM, which sits below the
+/// IOAPIC).
 fn pci0() -> Vec<u8> {
     let hid = EISAName::new("PNP0A08");
     let cid = EISAName::new("PNP0A03");
@@ -122,8 +126,8 @@ fn pci0() -> Vec<u8> {
     let mmio = AmlAddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        crate::layout::MEM_32BIT_GAP_START as u32,
-        IOAPIC_ADDR - 1,
+        BAR_WINDOW_START as u32,
+        (BAR_WINDOW_END - 1) as u32,
         None,
     );
     let crs = ResourceTemplate::new(vec![&bus, &cfg, &io_lo, &io_hi, &mmio]);
@@ -140,6 +144,53 @@ fn pci0() -> Vec<u8> {
     ))
 }
 
+/// A motherboard resource reserving ECAM, so that Linux accepts the MCFG
+/// region ("reserved as ACPI motherboard resource").
+fn mbrd() -> Vec<u8> {
+    let hid = EISAName::new("PNP0C02");
+    let ecam = Memory32Fixed::new(true, ECAM_BASE as u32, ECAM_SIZE as u32);
+    let crs = ResourceTemplate::new(vec![&ecam]);
+    bytes(&Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &Name::new("_HID".into(), &hid),
+            &Name::new("_UID".into(), &Zero {}),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
+/// MCFG: ECAM for segment 0, bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, *b"VMMMCFG ", OEM_REVISION);
+    m.add_ecam(ECAM_BASE, 0, 0, 0);
+    bytes(&m)
+}
+
+/// Where the virtio-iommu sits and which PCI functions it translates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuTopology {
+    /// The virtio-iommu-pci function.
+    pub iommu: Bdf,
+    /// Endpoints behind it (`iommu=on` disks); endpoint ID = BDF.
+    pub endpoints: Vec<Bdf>,
+}
+
+fn viot_dev(b: Bdf) -> PciDevice {
+    PciDevice::new(0, b.bus, b.dev, b.func)
+}
+
+/// VIOT: one virtio-iommu-pci node and one single-function PCI range per
+/// endpoint (endpoint ID = BDF).
+fn viot(t: &IommuTopology) -> Vec<u8> {
+    let mut v = VIOT::new(OEM_ID, *b"VMMVIOT ", OEM_REVISION);
+    let h = v.add_virtio_pci_iommu(VirtIoPciIommu::new(viot_dev(t.iommu)));
+    for &ep in &t.endpoints {
+        v.add_pci_range(PciRange::new(viot_dev(ep), viot_dev(ep), &h));
+    }
+    bytes(&v)
+}
+
 fn dsdt() -> Vec<u8> {
     let mut aml = Vec::new();
     // Name (_S5_, Package () { 5 }): sleep type A = 5, B = 0.
@@ -147,6 +198,7 @@ fn dsdt() -> Vec<u8> {
     aml.extend_from_slice(&com1());
     aml.extend_from_slice(&rtc());
     aml.extend_from_slice(&pci0());
+    aml.extend_from_slice(&mbrd());
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMMDSDT ", OEM_REVISION);
     sdt.append_slice(&aml);
     sdt.as_slice().to_vec()
@@ -214,8 +266,8 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 /// The tables, laid out for `base` (the RSDP address): one blob to copy
-/// to guest memory at `base`.
-pub fn build(cpus: u8, base: u64) -> Vec<u8> {
+/// to guest memory at `base`. A VIOT is added when there is an IOMMU.
+pub fn build(cpus: u8, base: u64, iommu: Option<&IommuTopology>) -> Vec<u8> {
     let rsdp_len = Rsdp::len() as u64;
     let dsdt = dsdt();
     let dsdt_addr = align8(base + rsdp_len);
@@ -223,10 +275,18 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
-    let xsdt_addr = align8(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let mcfg_addr = align8(madt_addr + madt.len() as u64);
+    let viot = iommu.map(viot).unwrap_or_default();
+    let viot_addr = align8(mcfg_addr + mcfg.len() as u64);
+    let xsdt_addr = align8(viot_addr + viot.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, *b"VMMXSDT ", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
+    if !viot.is_empty() {
+        xsdt.add_entry(viot_addr);
+    }
     let xsdt = bytes(&xsdt);
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
 
@@ -236,6 +296,8 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
+        (viot_addr, &viot),
         (xsdt_addr, &xsdt),
     ] {
         blob.resize((addr - base) as usize, 0);
@@ -272,7 +334,7 @@ mod tests {
     #[test]
     fn tables_chain_and_checksums() {
         for cpus in [1u8, 2, 64] {
-            let blob = build(cpus, RSDP_START);
+            let blob = build(cpus, RSDP_START, None);
             assert!(RSDP_START + blob.len() as u64 <= ACPI_END);
             // RSDP v2: both checksums, XSDT pointer.
             assert_eq!(&blob[..8], b"RSD PTR ");
@@ -281,7 +343,7 @@ mod tests {
             assert_eq!(u32_at(&blob, 20), 36);
             assert_eq!(sum(&blob[..36]), 0);
             let xsdt = table(&blob, u64_at(&blob, 24), b"XSDT");
-            assert_eq!(xsdt.len(), 36 + 2 * 8);
+            assert_eq!(xsdt.len(), 36 + 3 * 8);
             let fadt = table(&blob, u64_at(xsdt, 36), b"FACP");
             assert_eq!(fadt.len(), 276);
             let madt = table(&blob, u64_at(xsdt, 44), b"APIC");
@@ -315,7 +377,15 @@ mod tests {
                 &dsdt[46 + com1.len()..46 + com1.len() + rtc.len()],
                 &rtc[..]
             );
-            assert_eq!(&dsdt[46 + com1.len() + rtc.len()..], &pci0()[..]);
+            let pci0 = pci0();
+            let rest = &dsdt[46 + com1.len() + rtc.len()..];
+            assert_eq!(&rest[..pci0.len()], &pci0[..]);
+            assert_eq!(&rest[pci0.len()..], &mbrd()[..]);
+            // MCFG: one ECAM entry for bus 0.
+            let mcfg = table(&blob, u64_at(xsdt, 52), b"MCFG");
+            assert_eq!(mcfg.len(), 44 + 16);
+            assert_eq!(u64_at(mcfg, 44), ECAM_BASE);
+            assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0..0");
 
             // MADT: LAPIC address, one LAPIC per CPU, IOAPIC, override.
             assert_eq!(u32_at(madt, 36), LAPIC_ADDR);
@@ -331,6 +401,34 @@ mod tests {
             assert_eq!(u32_at(io, 8), 0, "GSI base");
             assert_eq!(&io[12..22], &interrupt_source_override(4, 4, 0));
             assert_eq!(&io[12..16], &[2, 10, 0, 4]);
+        }
+    }
+
+    #[test]
+    fn viot_with_iommu() {
+        let topo = IommuTopology {
+            iommu: Bdf::new(1),
+            endpoints: vec![Bdf::new(2), Bdf::new(4)],
+        };
+        let blob = build(2, RSDP_START, Some(&topo));
+        assert!(RSDP_START + blob.len() as u64 <= ACPI_END);
+        let xsdt = table(&blob, u64_at(&blob, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 4 * 8);
+        let viot = table(&blob, u64_at(xsdt, 60), b"VIOT");
+        // Header: node count 3, node offset 48; then the IOMMU node.
+        assert_eq!(&viot[36..40], &[3, 0, 48, 0]);
+        assert_eq!(viot.len(), 48 + 16 + 2 * 24);
+        let iommu = &viot[48..64];
+        assert_eq!(&iommu[..4], &[3, 0, 16, 0]);
+        assert_eq!(&iommu[4..8], &[0, 0, 0x08, 0], "segment 0, BDF 00:01.0");
+        for (i, bdf) in [0x10u16, 0x20].into_iter().enumerate() {
+            let r = &viot[64 + 24 * i..88 + 24 * i];
+            assert_eq!(&r[..4], &[1, 0, 24, 0]);
+            assert_eq!(u32_at(r, 4), u32::from(bdf), "endpoint start = BDF");
+            assert_eq!(&r[8..12], &[0, 0, 0, 0], "segments");
+            assert_eq!(u16::from_le_bytes([r[12], r[13]]), bdf);
+            assert_eq!(u16::from_le_bytes([r[14], r[15]]), bdf);
+            assert_eq!(u16::from_le_bytes([r[16], r[17]]), 48, "output node");
         }
     }
 

@@ -30,7 +30,10 @@ pub struct Args {
     /// Guest RAM: size=512M|1G|...
     #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
     pub memory: String,
-    /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw (one or more).
+    /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw (one or
+    /// more). Fault injection for tests: delay_us=N holds every request N
+    /// microseconds before its I/O; fail_every=N fails every Nth request
+    /// with VIRTIO_BLK_S_IOERR.
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
@@ -66,12 +69,20 @@ pub enum SerialMode {
     Off,
 }
 
-/// One `--disk` value (stored for later phases).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `--disk` value.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DiskConfig {
+    /// Backing file (raw image).
     pub path: PathBuf,
+    /// Behind the virtio-iommu (`iommu=on`).
     pub iommu: bool,
+    /// Refuse writes (`readonly=on`; VIRTIO_BLK_F_RO is offered).
     pub readonly: bool,
+    /// Fault injection: hold every request this many microseconds before
+    /// its I/O starts (`delay_us=`), with its buffers pinned.
+    pub delay_us: u64,
+    /// Fault injection: fail every Nth request with IOERR (`fail_every=`).
+    pub fail_every: u64,
 }
 
 /// Validated VM configuration.
@@ -184,16 +195,42 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
 
 /// Parses one `--disk` value.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
-    let kv = split_kv("disk", s, &["path", "iommu", "readonly", "image_type"])?;
+    let kv = split_kv(
+        "disk",
+        s,
+        &[
+            "path",
+            "iommu",
+            "readonly",
+            "image_type",
+            "delay_us",
+            "fail_every",
+        ],
+    )?;
     let mut path = None;
     let mut iommu = false;
     let mut readonly = false;
+    let mut delay_us = 0;
+    let mut fail_every = 0;
     for (k, v) in kv {
         match k {
             "path" if v.is_empty() => return Err(invalid("disk", "path= is empty")),
             "path" => path = Some(PathBuf::from(v)),
             "iommu" => iommu = parse_on_off("disk", k, v)?,
             "readonly" => readonly = parse_on_off("disk", k, v)?,
+            "delay_us" | "fail_every" => {
+                let n: u64 = v
+                    .parse()
+                    .map_err(|_| invalid("disk", format!("{k}={v:?}: expected a number")))?;
+                if k == "delay_us" {
+                    if n > 10_000_000 {
+                        return Err(invalid("disk", format!("{k}={n}: at most 10000000")));
+                    }
+                    delay_us = n;
+                } else {
+                    fail_every = n;
+                }
+            }
             "image_type" if v == "raw" => {}
             "image_type" => {
                 return Err(invalid(
@@ -209,6 +246,8 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         path,
         iommu,
         readonly,
+        delay_us,
+        fail_every,
     })
 }
 
@@ -334,12 +373,12 @@ mod tests {
                 DiskConfig {
                     path: "/a".into(),
                     iommu: true,
-                    readonly: false
+                    ..Default::default()
                 },
                 DiskConfig {
                     path: "/b".into(),
-                    iommu: false,
-                    readonly: true
+                    readonly: true,
+                    ..Default::default()
                 },
             ]
         );
@@ -350,6 +389,14 @@ mod tests {
         let c = cfg(&["--disk", "path=/a", "--disk", "path=/b"]).unwrap();
         assert_eq!(c.disks.len(), 2);
         assert!(!c.disks[0].iommu && !c.disks[0].readonly);
+    }
+
+    #[test]
+    fn fault_injection_keys() {
+        let d = parse_disk("path=/a,iommu=on,delay_us=20000,fail_every=7").unwrap();
+        assert_eq!((d.delay_us, d.fail_every), (20000, 7));
+        assert!(parse_disk("path=/a,delay_us=x").is_err());
+        assert!(parse_disk("path=/a,delay_us=10000001").is_err());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 
 /// E820 / PVH memory type for usable RAM.
 pub const E820_RAM: u32 = 1;
+/// E820 / PVH memory type for reserved ranges.
+pub const E820_RESERVED: u32 = 2;
 
 // The fixed areas must not overlap.
 const _: () = {
@@ -56,10 +58,14 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     v
 }
 
-/// Memory map handed to the guest: (start, length, type).
+/// Memory map handed to the guest: (start, length, type). PCI ECAM is
+/// listed as reserved, so that Linux uses it from early boot on.
 pub fn memory_map(size: u64) -> Vec<(u64, u64, u32)> {
     let mut v = vec![(0, EBDA_START, E820_RAM)];
     for (start, len) in ram_ranges(size) {
+        if start >= RAM_64BIT_START {
+            v.push((crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE, E820_RESERVED));
+        }
         let (s, l) = if start == 0 {
             (HIMEM_START, len.saturating_sub(HIMEM_START))
         } else {
@@ -68,6 +74,9 @@ pub fn memory_map(size: u64) -> Vec<(u64, u64, u32)> {
         if l > 0 {
             v.push((s, l, E820_RAM));
         }
+    }
+    if size <= MEM_32BIT_GAP_START {
+        v.push((crate::pci::ECAM_BASE, crate::pci::ECAM_SIZE, E820_RESERVED));
     }
     v
 }
@@ -96,7 +105,8 @@ mod tests {
             memory_map(512 << 20),
             vec![
                 (0, EBDA_START, E820_RAM),
-                (HIMEM_START, (512 << 20) - HIMEM_START, E820_RAM)
+                (HIMEM_START, (512 << 20) - HIMEM_START, E820_RAM),
+                (0xe000_0000, 1 << 20, E820_RESERVED),
             ]
         );
     }
@@ -106,8 +116,9 @@ mod tests {
         assert_eq!(ram_ranges(5 << 30), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
         assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
         let m = memory_map(4 << 30);
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[2], (4 << 30, 1 << 30, E820_RAM));
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[2], (0xe000_0000, 1 << 20, E820_RESERVED));
+        assert_eq!(m[3], (4 << 30, 1 << 30, E820_RAM));
         assert_eq!(low_ram_end(4 << 30), 3 << 30);
     }
 

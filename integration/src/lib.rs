@@ -3,8 +3,9 @@
 //! Phase 1: boots a Linux guest (PVH ELF vmlinux or bzImage) with an
 //! initramfs, an in-kernel irqchip and PIT, hardware-reduced ACPI tables
 //! (MADT, power-off through an ACPI sleep register) and an MP table, a CMOS
-//! RTC and a 16550 serial console on COM1. `--disk` options are parsed and
-//! validated for later phases.
+//! RTC and a 16550 serial console on COM1; a PCI bus (ECAM + 0xcf8) with
+//! MSI-X and modern virtio-pci devices: the virtio-iommu and one virtio-blk
+//! per `--disk`.
 
 pub mod acpi;
 pub mod boot;
@@ -12,7 +13,9 @@ pub mod cli;
 pub mod cpu;
 pub mod layout;
 pub mod mptable;
+pub mod pci;
 pub mod rtc;
+pub mod virtio;
 pub mod vm;
 
 pub use cli::{Args, VmConfig};

@@ -17,12 +17,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !cfg.disks.is_empty() {
-        log::warn!(
-            "{} --disk option(s) parsed but not attached: block devices come in a later phase",
-            cfg.disks.len()
-        );
-    }
     let start = Instant::now();
     let result = Vm::new(&cfg).and_then(|vm| vm.run());
     match result {

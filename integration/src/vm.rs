@@ -1,7 +1,7 @@
 //! The VM: KVM objects, guest memory, legacy devices and vCPU threads.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -18,11 +18,15 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::acpi::{sleep_port_write, SleepPortAction, ACPI_SLEEP_PORT};
+use virtio_iommu::Metrics;
+
+use crate::acpi::{sleep_port_write, IommuTopology, SleepPortAction, ACPI_SLEEP_PORT};
 use crate::boot::{load_guest, BootEntry};
 use crate::cli::{SerialMode, VmConfig};
 use crate::cpu::setup_vcpu;
 use crate::layout::*;
+use crate::pci::msix::GsiRouter;
+use crate::pci::{BarAllocator, Bdf, PciBus, BAR_WINDOW_END, BAR_WINDOW_START};
 use crate::rtc::{Rtc, RTC_DATA, RTC_INDEX};
 
 /// Errors while building or running the VM.
@@ -42,6 +46,8 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("spawning vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("device: {0}")]
+    Device(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -168,10 +174,85 @@ impl PioBus {
 /// A built VM, ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     vcpus: Vec<VcpuFd>,
     pio: Arc<PioBus>,
+    pci: Arc<PciBus>,
+    metrics: Option<Arc<Metrics>>,
     _mem: GuestMemoryMmap,
+}
+
+/// PCI device number of the virtio-iommu (00:01.0).
+pub const IOMMU_DEVICE: u8 = 1;
+/// PCI device number of the first disk; the others follow in command-line
+/// order (00:02.0, 00:03.0, ...).
+pub const FIRST_DISK_DEVICE: u8 = 2;
+
+/// The PCI devices: host bridge, virtio-iommu (when a disk is `iommu=on`)
+/// and one virtio-blk per disk. Returns the bus, the IOMMU topology for the
+/// VIOT and the IOMMU's counters.
+fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<PciSetup, VmError> {
+    use crate::virtio::pci::{VirtioPciDevice, BAR_SIZE};
+    use crate::virtio::VirtioDevice;
+
+    let router = Arc::new(GsiRouter::new(Some(vm.clone())));
+    let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
+    let mut bus = PciBus::new();
+    let dev_err = |what: String| VmError::Device(what);
+    if cfg.disks.len() > usize::from(32 - FIRST_DISK_DEVICE) {
+        return Err(dev_err(format!("too many disks: {}", cfg.disks.len())));
+    }
+    let mut add = |bus: &mut PciBus, bdf: Bdf, dev: Box<dyn VirtioDevice>| {
+        let bar = bars
+            .alloc(BAR_SIZE)
+            .ok_or_else(|| dev_err("PCI BAR window exhausted".into()))?;
+        let d = VirtioPciDevice::new(bdf, dev, bar, router.clone(), Some(vm.clone()))
+            .map_err(|e| dev_err(format!("{bdf}: {e}")))?;
+        bus.add(bdf.dev, Arc::new(d));
+        log::debug!("{bdf}: BAR0 at {bar:#x}");
+        Ok::<(), VmError>(())
+    };
+    let disk_bdf = |i: usize| Bdf::new(FIRST_DISK_DEVICE + i as u8);
+    let mut topology = None;
+    let mut metrics = None;
+    let mut handles: Vec<Option<virtio_iommu::EndpointHandle>> =
+        cfg.disks.iter().map(|_| None).collect();
+    if cfg.disks.iter().any(|d| d.iommu) {
+        let mut iommu = crate::virtio::iommu::Iommu::new(mem.clone())
+            .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
+        let mut endpoints = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            if d.iommu {
+                let bdf = disk_bdf(i);
+                handles[i] = Some(iommu.add_endpoint(u32::from(bdf.id())).map_err(dev_err)?);
+                endpoints.push(bdf);
+            }
+        }
+        metrics = Some(iommu.metrics());
+        let bdf = Bdf::new(IOMMU_DEVICE);
+        add(&mut bus, bdf, Box::new(iommu))?;
+        topology = Some(IommuTopology {
+            iommu: bdf,
+            endpoints,
+        });
+    }
+    for (i, (d, h)) in cfg.disks.iter().zip(handles).enumerate() {
+        let blk = crate::virtio::block::Block::new(d, mem.clone(), h)
+            .map_err(|e| dev_err(format!("disk {}: {e}", d.path.display())))?;
+        add(&mut bus, disk_bdf(i), Box::new(blk))?;
+    }
+    Ok(PciSetup {
+        bus,
+        topology,
+        metrics,
+    })
+}
+
+/// What [`build_pci`] made.
+struct PciSetup {
+    bus: PciBus,
+    topology: Option<IommuTopology>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, VmError> {
@@ -191,7 +272,7 @@ impl Vm {
     /// Creates the VM, loads the guest and sets up the vCPUs.
     pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
         let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-        let vm = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_START as usize)
             .map_err(kvm("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -230,7 +311,12 @@ impl Vm {
         let mp = crate::mptable::build(cfg.cpus, crate::mptable::MPTABLE_START);
         mem.write_slice(&mp, GuestAddress(crate::mptable::MPTABLE_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
-        let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START);
+        let PciSetup {
+            bus: pci,
+            topology,
+            metrics,
+        } = build_pci(cfg, &vm, &mem)?;
+        let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START, topology.as_ref());
         mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
 
@@ -269,6 +355,8 @@ impl Vm {
             vm,
             vcpus,
             pio: Arc::new(PioBus::new(serial)),
+            pci: Arc::new(pci),
+            metrics,
             _mem: mem,
         })
     }
@@ -282,23 +370,30 @@ impl Vm {
             vm,
             vcpus,
             pio,
+            pci,
+            metrics,
             _mem,
         } = self;
         let (tx, rx) = mpsc::channel::<VmExit>();
         let kick = SIGRTMIN();
         register_signal_handler(kick, noop_signal_handler)
             .map_err(|e| VmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            register_signal_handler(sig, stop_signal_handler)
+                .map_err(|e| VmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
         let states: Arc<Vec<AtomicU8>> =
             Arc::new((0..vcpus.len()).map(|_| AtomicU8::new(RUNNING)).collect());
         let mut handles = Vec::new();
         for (id, mut vcpu) in vcpus.into_iter().enumerate() {
             let tx = tx.clone();
             let pio = pio.clone();
+            let pci = pci.clone();
             let states = states.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let exit = vcpu_loop(id, &mut vcpu, &pio, &states[id]);
+                    let exit = vcpu_loop(id, &mut vcpu, &pio, &pci, &states[id]);
                     let _ = tx.send(exit);
                     // Keep the fd open until the process exits.
                     std::mem::forget(vcpu);
@@ -320,6 +415,9 @@ impl Vm {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
+            if let Some(sig) = stop_requested() {
+                break VmExit::Shutdown(format!("signal {sig}: stopping"));
+            }
             let snapshot: Vec<u8> = states.iter().map(|s| s.load(Ordering::Acquire)).collect();
             if all_stopped(&snapshot) {
                 quiet_ticks += 1;
@@ -336,6 +434,9 @@ impl Vm {
             }
         };
         pio.flush();
+        if let Some(m) = &metrics {
+            eprintln!("{}", m.snapshot());
+        }
         // Other vCPUs may still be inside KVM_RUN: never unmap guest memory
         // or close the VM under them; the process exits next.
         std::mem::forget(vm);
@@ -361,6 +462,21 @@ const HALT_CHECKS_TO_STOP: u32 = 2;
 
 extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// The last SIGTERM/SIGINT received (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn stop_signal_handler(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// The signal that asked the VMM to stop, if any.
+fn stop_requested() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
 /// True when no vCPU can make progress: every one is halted with interrupts
 /// off or was never started, and at least one is halted.
 pub fn all_stopped(states: &[u8]) -> bool {
@@ -382,14 +498,19 @@ fn classify(vcpu: &VcpuFd) -> u8 {
     }
 }
 
-fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, state: &AtomicU8) -> VmExit {
+fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, pci: &PciBus, state: &AtomicU8) -> VmExit {
     loop {
         let r = vcpu.run();
         if !matches!(&r, Err(e) if e.errno() == libc::EINTR) {
             state.store(RUNNING, Ordering::Release);
         }
         match r {
-            Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pci.pio_read(port, data) {
+                    pio.read(port, data)
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) if pci.pio_write(port, data) => {}
             Ok(VcpuExit::IoOut(port, data)) => match pio.write(port, data) {
                 PioAction::None => {}
                 PioAction::Reset => return VmExit::Reset(format!("i8042 reset on vCPU {id}")),
@@ -402,8 +523,14 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, state: &AtomicU8) -> Vm
                     ))
                 }
             },
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !pci.mmio_read(addr, data) {
+                    data.fill(0xff)
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                pci.mmio_write(addr, data);
+            }
             Ok(VcpuExit::Hlt) => {
                 // Only seen without an in-kernel LAPIC; keep going.
             }
