@@ -1,11 +1,11 @@
 //! The VM: KVM objects, guest memory, legacy devices and vCPU threads.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
@@ -384,16 +384,19 @@ impl Vm {
         }
         let states: Arc<Vec<AtomicU8>> =
             Arc::new((0..vcpus.len()).map(|_| AtomicU8::new(RUNNING)).collect());
+        let watches: Arc<Vec<ExitWatch>> =
+            Arc::new((0..vcpus.len()).map(|_| ExitWatch::default()).collect());
         let mut handles = Vec::new();
         for (id, mut vcpu) in vcpus.into_iter().enumerate() {
             let tx = tx.clone();
             let pio = pio.clone();
             let pci = pci.clone();
             let states = states.clone();
+            let watches = watches.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let exit = vcpu_loop(id, &mut vcpu, &pio, &pci, &states[id]);
+                    let exit = vcpu_loop(id, &mut vcpu, &pio, &pci, &states[id], &watches[id]);
                     let _ = tx.send(exit);
                     // Keep the fd open until the process exits.
                     std::mem::forget(vcpu);
@@ -417,6 +420,9 @@ impl Vm {
             }
             if let Some(sig) = stop_requested() {
                 break VmExit::Shutdown(format!("signal {sig}: stopping"));
+            }
+            for (id, w) in watches.iter().enumerate() {
+                w.check(id);
             }
             let snapshot: Vec<u8> = states.iter().map(|s| s.load(Ordering::Acquire)).collect();
             if all_stopped(&snapshot) {
@@ -498,11 +504,82 @@ fn classify(vcpu: &VcpuFd) -> u8 {
     }
 }
 
-fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, pio: &PioBus, pci: &PciBus, state: &AtomicU8) -> VmExit {
+/// How long a vCPU may spend handling one exit before the VMM says so.
+const EXIT_STUCK_AFTER: Duration = Duration::from_secs(2);
+
+/// What a vCPU thread is doing outside KVM_RUN, for the stuck-exit report:
+/// a device model that blocks a vCPU (a lock, a drain) shows up in the log
+/// with the access that led there.
+#[derive(Default)]
+pub struct ExitWatch {
+    /// Microseconds since `EPOCH` when the exit's handling began; 0 while
+    /// the vCPU is in the guest.
+    since_us: AtomicU64,
+    /// Guest address (MMIO) or port of the exit.
+    addr: AtomicU64,
+    /// Already reported this episode.
+    reported: AtomicBool,
+}
+
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn now_us() -> u64 {
+    let e = EPOCH.get_or_init(Instant::now);
+    u64::try_from(e.elapsed().as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl ExitWatch {
+    fn begin(&self, addr: u64) {
+        self.addr.store(addr, Ordering::Relaxed);
+        self.since_us.store(now_us(), Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.since_us.store(0, Ordering::Release);
+        self.reported.store(false, Ordering::Relaxed);
+    }
+
+    /// Logs once per episode when the exit has taken too long.
+    fn check(&self, id: usize) {
+        let since = self.since_us.load(Ordering::Acquire);
+        if since == 0 {
+            return;
+        }
+        let took = Duration::from_micros(now_us().saturating_sub(since));
+        if took >= EXIT_STUCK_AFTER && !self.reported.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vCPU {id} has been handling an exit at {:#x} for {:.1}s",
+                self.addr.load(Ordering::Relaxed),
+                took.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn vcpu_loop(
+    id: usize,
+    vcpu: &mut VcpuFd,
+    pio: &PioBus,
+    pci: &PciBus,
+    state: &AtomicU8,
+    watch: &ExitWatch,
+) -> VmExit {
     loop {
+        watch.end();
         let r = vcpu.run();
         if !matches!(&r, Err(e) if e.errno() == libc::EINTR) {
             state.store(RUNNING, Ordering::Release);
+        }
+        match &r {
+            Ok(VcpuExit::IoIn(port, _)) | Ok(VcpuExit::IoOut(port, _)) => {
+                watch.begin(u64::from(*port))
+            }
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                watch.begin(*addr)
+            }
+            _ => {}
         }
         match r {
             Ok(VcpuExit::IoIn(port, data)) => {

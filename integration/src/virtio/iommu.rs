@@ -186,11 +186,22 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd) {
         }
     }
     let mut events = [EpollEvent::default(); 4];
+    // The parked drain whose holders were already asked to revoke: wait
+    // for their release without spinning, and report if it takes long.
+    let mut revoked: Option<(*const virtio_iommu::Drain, Instant)> = None;
     loop {
-        let deadline = lock(&inner).dev.revoke_deadline();
-        let timeout_ms = match deadline {
-            None => -1,
-            Some(d) => {
+        let (drain, deadline) = {
+            let g = lock(&inner);
+            (g.dev.parked_drain(), g.dev.revoke_deadline())
+        };
+        let drain_id = drain.as_ref().map(Arc::as_ptr);
+        if revoked.is_some_and(|(id, _)| Some(id) != drain_id) {
+            revoked = None;
+        }
+        let timeout_ms = match (deadline, revoked) {
+            (None, _) => -1,
+            (Some(_), Some(_)) => REPORT_INTERVAL_MS,
+            (Some(d), None) => {
                 let left = d.saturating_duration_since(Instant::now());
                 // Round up so that the deadline has passed on wake-up.
                 i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
@@ -218,12 +229,34 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd) {
                 _ => return,
             }
         }
-        let revoked = g.dev.revoke_overdue(Instant::now());
-        if revoked > 0 {
-            log::warn!("virtio-iommu: revoked {revoked} pins holding up an invalidation");
+        let now = Instant::now();
+        match (g.dev.parked_drain(), revoked) {
+            (Some(d), None) if g.dev.revoke_deadline().is_some_and(|t| now >= t) => {
+                let hooks = g.dev.revoke_overdue(now);
+                log::warn!(
+                    "virtio-iommu: invalidation waited {} ms for DMA; asked {hooks} of {} holders to revoke",
+                    now.duration_since(d.started()).as_millis(),
+                    d.blockers()
+                );
+                revoked = Some((Arc::as_ptr(&d), now));
+            }
+            (Some(d), Some((_, at))) if now.duration_since(at) >= REPORT_AFTER => {
+                log::warn!(
+                    "virtio-iommu: invalidation still waiting after {} ms for {} holders",
+                    now.duration_since(d.started()).as_millis(),
+                    d.blockers()
+                );
+                revoked = Some((Arc::as_ptr(&d), now));
+            }
+            _ => {}
         }
     }
 }
+
+/// While a revoked drain is still pending, wake up this often...
+const REPORT_INTERVAL_MS: i32 = 500;
+/// ...and say so at most this often.
+const REPORT_AFTER: Duration = Duration::from_secs(2);
 
 impl VirtioDevice for Iommu {
     fn device_type(&self) -> u32 {
