@@ -7,6 +7,7 @@
 //! `AGENT-RESULT scenario=<name> status=pass|fail [key=value...]`.
 
 mod disks;
+mod perf;
 mod scenarios;
 mod vfio;
 mod virtio;
@@ -105,6 +106,7 @@ fn main() {
         "integrity" => scenarios::integrity(&params),
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
+        "perf" => perf::perf(&params),
         "kvm-check" => scenarios::kvm_check(),
         "boot" => scenarios::boot(),
         other => Err(format!("unknown scenario {other:?}")),

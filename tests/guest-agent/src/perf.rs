@@ -1,0 +1,241 @@
+//! perf: guest-timed O_DIRECT latency on one test disk (label id `perf`).
+//!
+//! Single-threaded, queue depth 1 (synchronous `pread`/`pwrite`), random
+//! offsets aligned to the request size and never in the first MiB:
+//! (a) `n4k` 4 KiB reads, (b) `n256k` 256 KiB reads, (c) `nw4k` 4 KiB
+//! writes, each after `warmup` untimed operations of the same kind. Every
+//! operation is timed with `Instant` inside the guest. The offsets come from
+//! a fixed `seed`, so iommu=on and iommu=off boots issue the same requests.
+//! A phase stops early after `max_s` seconds (reported as `<metric>_n`).
+//!
+//! Result: `iommu=on|off group=<IOMMU group type|none> init_ms=<uptime at
+//! agent start> <metric>_us=<mean> <metric>_med_us=<median> <metric>_n=<ops>`
+//! for `read4k`, `read256k`, `write4k`.
+
+use std::fs;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::time::{Duration, Instant};
+
+use crate::disks::{self, RESERVED_BYTES};
+use crate::scenarios::Rng;
+use crate::{phase, Params, Res};
+
+const PAGE: usize = 4096;
+
+/// A zeroed, page-aligned byte buffer (O_DIRECT needs aligned memory).
+struct Aligned {
+    mem: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let mem = vec![0u8; len + PAGE];
+        let off = mem.as_ptr().align_offset(PAGE);
+        Self { mem, off, len }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.off..self.off + self.len]
+    }
+}
+
+/// Seconds since boot from `/proc/uptime`, in milliseconds.
+fn uptime_ms() -> Option<u64> {
+    let s = fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1000.0).round() as u64)
+}
+
+/// Per-operation latencies of one phase.
+#[derive(Debug, Default)]
+pub struct Lat {
+    ns: Vec<u64>,
+}
+
+impl Lat {
+    fn push(&mut self, d: Duration) {
+        self.ns.push(d.as_nanos() as u64);
+    }
+    pub fn mean_us(&self) -> f64 {
+        if self.ns.is_empty() {
+            return 0.0;
+        }
+        self.ns.iter().sum::<u64>() as f64 / self.ns.len() as f64 / 1000.0
+    }
+    pub fn median_us(&self) -> f64 {
+        if self.ns.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.ns.clone();
+        v.sort_unstable();
+        let m = v.len() / 2;
+        let ns = if v.len() % 2 == 1 {
+            v[m] as f64
+        } else {
+            (v[m - 1] + v[m]) as f64 / 2.0
+        };
+        ns / 1000.0
+    }
+    /// `<name>_us=<mean> <name>_med_us=<median> <name>_n=<count>`.
+    pub fn fields(&self, name: &str) -> String {
+        format!(
+            "{name}_us={:.1} {name}_med_us={:.1} {name}_n={}",
+            self.mean_us(),
+            self.median_us(),
+            self.ns.len()
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
+/// Offset of a random `len`-aligned request in `[RESERVED_BYTES, size)`.
+pub fn random_offset(rng: &mut Rng, size: u64, len: u64) -> u64 {
+    let slots = size.saturating_sub(RESERVED_BYTES) / len;
+    RESERVED_BYTES + rng.below(slots) * len
+}
+
+struct Phase<'a> {
+    f: &'a fs::File,
+    dev: &'a str,
+    size: u64,
+    warmup: u64,
+    budget: Duration,
+}
+
+impl Phase<'_> {
+    fn run(&self, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Lat> {
+        let mut buf = Aligned::new(len);
+        if op == Op::Write {
+            // Non-zero data, so the backing file really gets written.
+            for (i, b) in buf.as_mut().iter_mut().enumerate() {
+                *b = (i as u8) ^ 0x5a;
+            }
+        }
+        let mut lat = Lat::default();
+        let start = Instant::now();
+        for i in 0..self.warmup + n {
+            let off = random_offset(rng, self.size, len as u64);
+            let b = buf.as_mut();
+            let t = Instant::now();
+            let r = match op {
+                Op::Read => self.f.read_exact_at(b, off),
+                Op::Write => self.f.write_all_at(b, off),
+            };
+            let d = t.elapsed();
+            r.map_err(|e| {
+                format!(
+                    "O_DIRECT {op:?} of {len} bytes at {off} on /dev/{}: {e}",
+                    self.dev
+                )
+            })?;
+            if i >= self.warmup {
+                lat.push(d);
+                if start.elapsed() > self.budget {
+                    break;
+                }
+            }
+        }
+        Ok(lat)
+    }
+}
+
+pub fn perf(p: &Params) -> Res<String> {
+    let init_ms = uptime_ms().ok_or("cannot read /proc/uptime")?;
+    phase("perf: disks", 0);
+    let id = p.get("disk").unwrap_or("perf");
+    let all = disks::discover(p.num("ndisks", 0) as usize)?;
+    let disk = disks::pick(&all, Some(id), true)?;
+    let group = disks::group_type(&disk.bdf);
+    let shown = group.clone().unwrap_or_else(|| "none".into());
+    // The comparison is only meaningful if the label tells the truth.
+    if disk.iommu_on != group.is_some() {
+        return Err(format!(
+            "/dev/{} is labelled iommu={} but its IOMMU group is {shown}",
+            disk.name,
+            if disk.iommu_on { "on" } else { "off" }
+        ));
+    }
+    if disk.size < RESERVED_BYTES + (8 << 20) {
+        return Err(format!(
+            "/dev/{} too small ({} bytes)",
+            disk.name, disk.size
+        ));
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/dev/{}", disk.name))
+        .map_err(|e| format!("open /dev/{} O_DIRECT: {e}", disk.name))?;
+    let ph = Phase {
+        f: &f,
+        dev: &disk.name,
+        size: disk.size,
+        warmup: p.num("warmup", 16),
+        budget: Duration::from_secs(p.num("max_s", 60)),
+    };
+    let mut rng = Rng::new(p.num("seed", 1));
+    let t = Instant::now();
+    phase("perf: read4k", 0);
+    let r4 = ph.run(Op::Read, PAGE, p.num("n4k", 1000), &mut rng)?;
+    phase("perf: read256k", 0);
+    let r256 = ph.run(Op::Read, 256 << 10, p.num("n256k", 100), &mut rng)?;
+    phase("perf: write4k", 0);
+    let w4 = ph.run(Op::Write, PAGE, p.num("nw4k", 500), &mut rng)?;
+    Ok(format!(
+        "iommu={} group={shown} disk={} init_ms={init_ms} {} {} {} secs={:.2}",
+        if disk.iommu_on { "on" } else { "off" },
+        disk.name,
+        r4.fields("read4k"),
+        r256.fields("read256k"),
+        w4.fields("write4k"),
+        t.elapsed().as_secs_f64()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_aligned_and_past_reserved() {
+        let mut rng = Rng::new(7);
+        let size = 256u64 << 20;
+        for len in [4096u64, 256 << 10] {
+            for _ in 0..10_000 {
+                let off = random_offset(&mut rng, size, len);
+                assert!(off >= RESERVED_BYTES);
+                assert_eq!(off % len, 0);
+                assert!(off + len <= size);
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_buffer() {
+        let mut b = Aligned::new(256 << 10);
+        assert_eq!(b.as_mut().as_ptr() as usize % PAGE, 0);
+        assert_eq!(b.as_mut().len(), 256 << 10);
+    }
+
+    #[test]
+    fn lat_stats() {
+        let mut l = Lat::default();
+        assert_eq!(l.mean_us(), 0.0);
+        for us in [10u64, 20, 30, 100] {
+            l.push(Duration::from_micros(us));
+        }
+        assert_eq!(l.mean_us(), 40.0);
+        assert_eq!(l.median_us(), 25.0);
+        assert_eq!(
+            l.fields("read4k"),
+            "read4k_us=40.0 read4k_med_us=25.0 read4k_n=4"
+        );
+    }
+}

@@ -1,0 +1,535 @@
+//! guest-perf: disk latency of the VMM under test with `iommu=on` vs
+//! `iommu=off`, timed inside the L2 guest (agent scenario `perf`).
+//!
+//! Boots L2 `2 * --boots` times, alternating iommu=on and iommu=off (one
+//! 256 MiB disk labelled `perf`), collects each boot's `AGENT-RESULT
+//! scenario=perf` line and prints the per-boot values, then per metric the
+//! mean over boots for on and off and the ratio on/off. A benchmark, not a
+//! test: `cargo test` does not run it.
+//!
+//! ```text
+//! VIRTIO_IOMMU_TEST_VMM=/path/to/vmm \
+//!   cargo run --release -p guest-tests --bin guest-perf -- --boots 3 [key=value...]
+//! ```
+//!
+//! `key=value` words go to the agent (`n4k=1000 n256k=100 nw4k=500
+//! warmup=16 seed=1 max_s=60`). Environment knobs are those of the bed
+//! (`VIRTIO_IOMMU_TEST_VMM`, `VIRTIO_IOMMU_TEST_ROUTE`, ...). Without images,
+//! VMM or QEMU it prints `SKIP: guest-perf: <reason>` and exits 0.
+
+use guest_tests::{report_timing, Bed, DiskSpec, Outcome, Scenario};
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: guest-perf [--boots N] [--cpus N] [--disk-mib N] [--timeout SECS] \
+[--first on|off] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
+
+/// Summary rows: agent fields, plus `l2init_ms` from the serial log.
+const METRICS: &[&str] = &[
+    "others_cores",
+    "init_ms",
+    "l2init_ms",
+    "read4k_us",
+    "read256k_us",
+    "write4k_us",
+    "read4k_med_us",
+    "read256k_med_us",
+    "write4k_med_us",
+];
+
+#[derive(Debug, PartialEq)]
+struct Opts {
+    boots: usize,
+    cpus: u32,
+    disk_mib: u64,
+    timeout: Duration,
+    first_on: bool,
+    /// Before each boot, wait up to this long for other processes to use
+    /// less than `quiet_cores` CPUs (0: do not wait).
+    quiet_wait: Duration,
+    quiet_cores: f64,
+    params: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        boots: 3,
+        cpus: 1,
+        disk_mib: 256,
+        timeout: Duration::from_secs(300),
+        first_on: true,
+        quiet_wait: Duration::ZERO,
+        quiet_cores: 0.3,
+        params: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let num = |s: String, name: &str| -> Result<u64, String> {
+            s.parse::<u64>()
+                .map_err(|_| format!("{name}: not a number: {s:?}"))
+        };
+        match a.as_str() {
+            "--boots" => o.boots = num(val("--boots")?, "--boots")?.max(1) as usize,
+            "--cpus" => o.cpus = num(val("--cpus")?, "--cpus")?.max(1) as u32,
+            "--disk-mib" => o.disk_mib = num(val("--disk-mib")?, "--disk-mib")?.max(16),
+            "--timeout" => o.timeout = Duration::from_secs(num(val("--timeout")?, "--timeout")?),
+            "--first" => {
+                o.first_on = match val("--first")?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(format!("--first: expected on or off, got {v:?}")),
+                }
+            }
+            "--quiet-wait" => {
+                o.quiet_wait = Duration::from_secs(num(val("--quiet-wait")?, "--quiet-wait")?)
+            }
+            "--quiet-cores" => {
+                let v = val("--quiet-cores")?;
+                o.quiet_cores = v
+                    .parse()
+                    .map_err(|_| format!("--quiet-cores: not a number: {v:?}"))?
+            }
+            "-h" | "--help" => return Err(String::new()),
+            w if w.contains('=') && !w.starts_with('-') => o.params.push(w.to_string()),
+            w => return Err(format!("unknown argument {w:?}")),
+        }
+    }
+    Ok(o)
+}
+
+/// Host CPU accounting, to tell how much of the machine other processes
+/// took while a boot ran (the nested bed's latencies depend on it).
+#[derive(Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    /// Busy CPU seconds of the whole host (/proc/stat).
+    host_busy: f64,
+    /// CPU seconds of this process and its waited-for children (QEMU / VMM).
+    ours: f64,
+}
+
+impl CpuSample {
+    fn take() -> Self {
+        let tck = {
+            // SAFETY: sysconf has no memory-safety preconditions.
+            let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if t > 0 {
+                t as f64
+            } else {
+                100.0
+            }
+        };
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal ...
+        let f: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let busy: f64 = [0usize, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum();
+        let ru = |who| {
+            // SAFETY: rusage is plain integers; all-zero is a valid value.
+            let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: getrusage writes only into the struct we pass.
+            unsafe { libc::getrusage(who, &mut r) };
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            tv(r.ru_utime) + tv(r.ru_stime)
+        };
+        Self {
+            at: Instant::now(),
+            host_busy: busy / tck,
+            ours: ru(libc::RUSAGE_SELF) + ru(libc::RUSAGE_CHILDREN),
+        }
+    }
+
+    /// CPUs used by other processes since `self` (e.g. 0.5 = half a core).
+    fn others_cores_since(&self) -> f64 {
+        let now = Self::take();
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        ((now.host_busy - self.host_busy) - (now.ours - self.ours)).max(0.0) / secs
+    }
+}
+
+/// Waits (up to `o.quiet_wait`) until other processes use less than
+/// `o.quiet_cores` CPUs over a 3 s window.
+fn wait_quiet(o: &Opts) {
+    if o.quiet_wait.is_zero() {
+        return;
+    }
+    let t = Instant::now();
+    loop {
+        let s = CpuSample::take();
+        std::thread::sleep(Duration::from_secs(3));
+        let busy = s.others_cores_since();
+        if busy < o.quiet_cores {
+            return;
+        }
+        if t.elapsed() >= o.quiet_wait {
+            eprintln!(
+                "guest-perf: host still busy ({busy:.2} CPUs used by others) after {:.0}s; booting anyway",
+                t.elapsed().as_secs_f64()
+            );
+            return;
+        }
+    }
+}
+
+/// One boot's numbers.
+struct BootResult {
+    iommu: bool,
+    wall: Duration,
+    values: HashMap<String, f64>,
+    line: String,
+    log: String,
+}
+
+/// Uptime (ms) at which L2's /init started, from `L2-INIT start uptime=S`.
+fn l2_init_ms(out: &Outcome) -> Option<f64> {
+    out.lines_with("L2-INIT start ").first().and_then(|l| {
+        guest_tests::parse_kv(l)
+            .get("uptime")
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|s| s * 1000.0)
+    })
+}
+
+fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<BootResult, String> {
+    let mut s = Scenario::new("perf");
+    s.disks = vec![DiskSpec::new("perf", o.disk_mib, iommu)];
+    s.cpus = o.cpus;
+    s.params = o.params.clone();
+    s.timeout = o.timeout;
+    let mut attempt = 0;
+    let (out, wall, others) = loop {
+        let t = Instant::now();
+        let cpu = CpuSample::take();
+        let out = bed.run(&s)?;
+        let others = cpu.others_cores_since();
+        // The run that counts (`Bed::run` may have retried an L1 oops).
+        let wall = out.elapsed.min(t.elapsed());
+        // L1 itself went away (QEMU exited without the VMM's exit line and
+        // without a timeout): a failure of the bed, not of the VMM. Retry once.
+        attempt += 1;
+        if attempt < 2 && !out.timed_out && out.vmm_exit().is_none() {
+            eprintln!(
+                "RETRY: guest-perf: L1 stopped without L1-RESULT (bed failure); log {}",
+                out.log_path.display()
+            );
+            continue;
+        }
+        break (out, wall, others);
+    };
+    report_timing(
+        &format!("guest-perf iommu={}", if iommu { "on" } else { "off" }),
+        &out,
+    );
+    let r = out.agent_result("perf").ok_or_else(|| {
+        format!(
+            "no AGENT-RESULT line for perf; last lines: {:?}; {}",
+            out.lines.iter().rev().take(15).rev().collect::<Vec<_>>(),
+            out.describe()
+        )
+    })?;
+    if r.status != "pass" {
+        return Err(format!("agent: {}; {}", r.line, out.describe()));
+    }
+    if out.l2_boots() != 1 {
+        return Err(format!(
+            "L2 booted {} times; {}",
+            out.l2_boots(),
+            out.describe()
+        ));
+    }
+    let want = if iommu { "on" } else { "off" };
+    if r.fields.get("iommu").map(String::as_str) != Some(want) {
+        return Err(format!("asked for iommu={want}, agent saw: {}", r.line));
+    }
+    if out.vmm_exit() != Some(0) {
+        return Err(format!("VMM exit status; {}", out.describe()));
+    }
+    let mut values: HashMap<String, f64> = r
+        .fields
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.parse::<f64>().ok()?)))
+        .collect();
+    if let Some(ms) = l2_init_ms(&out) {
+        values.insert("l2init_ms".into(), ms);
+    }
+    values.insert("others_cores".into(), others);
+    Ok(BootResult {
+        iommu,
+        wall,
+        values,
+        line: r.line,
+        log: out.log_path.display().to_string(),
+    })
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
+fn fmt_num(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+        None => "-".into(),
+    }
+}
+
+/// Per metric: mean over on boots, mean over off boots, ratio, spreads.
+fn summary(results: &[BootResult]) -> String {
+    let mut s = format!(
+        "{:<16} {:>10} {:>10} {:>7}   {}\n",
+        "metric", "iommu=on", "iommu=off", "ratio", "range on | off (min..max over boots)"
+    );
+    for m in METRICS {
+        let pick = |on: bool| -> Vec<f64> {
+            results
+                .iter()
+                .filter(|r| r.iommu == on)
+                .filter_map(|r| r.values.get(*m).copied())
+                .collect()
+        };
+        let (on, off) = (pick(true), pick(false));
+        let range = |v: &[f64]| -> String {
+            let min = v.iter().copied().reduce(f64::min);
+            let max = v.iter().copied().reduce(f64::max);
+            format!("{}..{}", fmt_num(min), fmt_num(max))
+        };
+        let ratio = match (mean(&on), mean(&off)) {
+            _ if *m == "others_cores" => "-".into(),
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        s.push_str(&format!(
+            "{:<16} {:>10} {:>10} {:>7}   {} | {}\n",
+            m,
+            fmt_num(mean(&on)),
+            fmt_num(mean(&off)),
+            ratio,
+            range(&on),
+            range(&off)
+        ));
+    }
+    s
+}
+
+fn per_boot_header() -> String {
+    format!(
+        "{:<4} {:<5} {:>7} {:>6} {:>8} {:>9} {:>10} {:>11} {:>10} {:>6} {:>7} {:>7}",
+        "boot",
+        "iommu",
+        "wall_s",
+        "others",
+        "init_ms",
+        "l2init_ms",
+        "read4k_us",
+        "read256k_us",
+        "write4k_us",
+        "n4k",
+        "n256k",
+        "nw4k"
+    )
+}
+
+fn per_boot_row(i: usize, r: &BootResult) -> String {
+    let g = |k: &str| fmt_num(r.values.get(k).copied());
+    format!(
+        "{:<4} {:<5} {:>7.1} {:>6} {:>8} {:>9} {:>10} {:>11} {:>10} {:>6} {:>7} {:>7}",
+        i + 1,
+        if r.iommu { "on" } else { "off" },
+        r.wall.as_secs_f64(),
+        g("others_cores"),
+        g("init_ms"),
+        g("l2init_ms"),
+        g("read4k_us"),
+        g("read256k_us"),
+        g("write4k_us"),
+        g("read4k_n"),
+        g("read256k_n"),
+        g("write4k_n"),
+    )
+}
+
+/// The command as run, with the bed's environment knobs that are set.
+fn command_line() -> String {
+    let mut env: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("VIRTIO_IOMMU_"))
+        .map(|(k, v)| format!("{k}={}", guest_tests::sh_quote(&v)))
+        .collect();
+    env.sort();
+    let argv: Vec<String> = std::env::args()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=./,:".contains(c))
+            {
+                a
+            } else {
+                guest_tests::sh_quote(&a)
+            }
+        })
+        .collect();
+    env.extend(argv);
+    env.join(" ")
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match parse_args(&args) {
+        Ok(o) => o,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("guest-perf: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let bed = match Bed::get() {
+        Ok(b) => b,
+        Err(reason) => {
+            println!("SKIP: guest-perf: {reason}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let images = std::fs::canonicalize(&bed.images.dir).unwrap_or(bed.images.dir.clone());
+    println!("command: {}", command_line());
+    println!(
+        "vmm={} route={:?} images={} boots={}x(on,off) cpus={} disk=perf {} MiB params=[{}]",
+        bed.vmm.display(),
+        bed.route,
+        images.display(),
+        o.boots,
+        o.cpus,
+        o.disk_mib,
+        o.params.join(" ")
+    );
+    // SAFETY: getpriority has no memory-safety preconditions.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice > 0 {
+        println!(
+            "warning: running at nice {nice}; QEMU/the VMM run at nice {} and lose CPU to other work",
+            (nice + 10).min(19)
+        );
+    }
+    println!(
+        "others = CPUs used by other processes on this host during the boot (of {})",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let t0 = Instant::now();
+    let mut results: Vec<BootResult> = Vec::new();
+    let mut failed = None;
+    'outer: for i in 0..o.boots {
+        for k in 0..2 {
+            let iommu = (k == 0) == o.first_on;
+            eprintln!(
+                "guest-perf: round {}/{} iommu={} ...",
+                i + 1,
+                o.boots,
+                if iommu { "on" } else { "off" }
+            );
+            wait_quiet(&o);
+            match one_boot(&bed, &o, iommu) {
+                Ok(r) => {
+                    eprintln!("guest-perf: {}", r.line);
+                    results.push(r);
+                }
+                Err(e) => {
+                    failed = Some(format!(
+                        "round {} iommu={}: {e}",
+                        i + 1,
+                        if iommu { "on" } else { "off" }
+                    ));
+                    break 'outer;
+                }
+            }
+        }
+    }
+    println!();
+    println!("{}", per_boot_header());
+    for (i, r) in results.iter().enumerate() {
+        println!("{}", per_boot_row(i, r));
+    }
+    println!();
+    print!("{}", summary(&results));
+    println!();
+    println!("agent lines:");
+    for r in &results {
+        println!("  {}  (log {})", r.line, r.log);
+    }
+    println!(
+        "total wall time {:.1}s for {} boots",
+        t0.elapsed().as_secs_f64(),
+        results.len()
+    );
+    match failed {
+        Some(e) => {
+            println!("FAILED: guest-perf: {e}");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn args() {
+        let o = parse_args(&words("--boots 2 --first off n4k=10 --cpus 2")).unwrap();
+        assert_eq!(o.boots, 2);
+        assert!(!o.first_on);
+        assert_eq!(o.cpus, 2);
+        assert_eq!(o.params, vec!["n4k=10".to_string()]);
+        let d = parse_args(&[]).unwrap();
+        assert_eq!((d.boots, d.cpus, d.disk_mib, d.first_on), (3, 1, 256, true));
+        assert!(parse_args(&words("--boots")).is_err());
+        assert!(parse_args(&words("--bogus")).is_err());
+        assert_eq!(parse_args(&words("--help")), Err(String::new()));
+    }
+
+    #[test]
+    fn summary_ratio() {
+        let mk = |iommu: bool, us: f64| BootResult {
+            iommu,
+            wall: Duration::from_secs(1),
+            values: HashMap::from([("read4k_us".to_string(), us)]),
+            line: String::new(),
+            log: String::new(),
+        };
+        let rs = vec![
+            mk(true, 30.0),
+            mk(false, 10.0),
+            mk(true, 50.0),
+            mk(false, 10.0),
+        ];
+        let s = summary(&rs);
+        let line = s.lines().find(|l| l.starts_with("read4k_us ")).unwrap();
+        assert!(line.contains(" 40.0 "), "{line}");
+        assert!(line.contains("4.00x"), "{line}");
+        assert!(line.contains("30.0..50.0 | 10.0..10.0"), "{line}");
+        let init = s.lines().find(|l| l.starts_with("init_ms ")).unwrap();
+        assert!(init.contains(" - "), "{init}");
+    }
+}
