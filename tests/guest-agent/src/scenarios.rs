@@ -401,6 +401,7 @@ impl RaceStats {
 
 struct RaceCfg {
     rounds: u64,
+    detach_rounds: u64,
     race_len: usize,
     filler_len: usize,
     pause: Duration,
@@ -469,6 +470,12 @@ fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
         st.changed_max = st.changed_max.max(changed);
         st.count_status(dev.slot_status(1));
         st.rounds += 1;
+        if st.rounds % 100 == 0 {
+            say(&format!(
+                "dma-race-progress unmap: rounds={} violations={}",
+                st.rounds, st.violations
+            ));
+        }
     }
     // Leave the device quiescent for the next user.
     dev.reset()?;
@@ -477,7 +484,7 @@ fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
 
 fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
     let mut st = RaceStats::default();
-    for r in 0..cfg.rounds {
+    for r in 0..cfg.detach_rounds {
         phase("dma-race detach: open", r);
         let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
         let done = start_race(&mut dev, cfg, data, first_round + r)?;
@@ -517,8 +524,10 @@ pub fn dma_race(p: &Params) -> Res<String> {
     if !disk.iommu_on {
         return Err(format!("disk {} is not behind the IOMMU", disk.name));
     }
+    let rounds = p.num("rounds", 10);
     let cfg = RaceCfg {
-        rounds: p.num("rounds", 10),
+        rounds,
+        detach_rounds: p.num("detach_rounds", rounds),
         race_len: (p.num("race_kib", 1024) as usize * 1024).clamp(PAGE, 2 * MIB as usize),
         filler_len: (p.num("filler_kib", 1024) as usize * 1024).clamp(PAGE, SCRATCH_LEN),
         pause: Duration::from_millis(p.num("pause_ms", 20)),
@@ -727,6 +736,7 @@ mod tests {
     fn race_offsets_are_fresh_and_in_range() {
         let cfg = RaceCfg {
             rounds: 4,
+            detach_rounds: 4,
             race_len: 1 << 20,
             filler_len: 1 << 20,
             pause: Duration::ZERO,

@@ -174,6 +174,9 @@ pub struct DiskSpec {
     /// Nested route only: back this disk by an extra L1 disk throttled by
     /// the outer QEMU to this many bytes per second.
     pub throttle_bps: Option<u64>,
+    /// Extra `key=value` options appended to the VMM's `--disk` value
+    /// (e.g. the reference VMM's fault injection `delay_us=50000`).
+    pub vmm_opts: Option<String>,
 }
 
 impl DiskSpec {
@@ -183,11 +186,18 @@ impl DiskSpec {
             size_mib,
             iommu,
             throttle_bps: None,
+            vmm_opts: None,
         }
     }
 
     pub fn throttled(mut self, bps: u64) -> Self {
         self.throttle_bps = Some(bps);
+        self
+    }
+
+    /// Appends `opts` (comma-separated `key=value`) to the `--disk` value.
+    pub fn with_vmm_opts(mut self, opts: &str) -> Self {
+        self.vmm_opts = Some(opts.into());
         self
     }
 
@@ -546,10 +556,15 @@ impl Bed {
     }
 
     fn disk_arg(path: &str, d: &DiskSpec) -> String {
-        format!(
+        let mut a = format!(
             "path={path},iommu={},image_type=raw",
             if d.iommu { "on" } else { "off" }
-        )
+        );
+        if let Some(o) = &d.vmm_opts {
+            a.push(',');
+            a.push_str(o);
+        }
+        a
     }
 
     fn run_nested(&self, s: &Scenario) -> Result<Outcome, String> {
