@@ -218,8 +218,12 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
     let mut handles: Vec<Option<virtio_iommu::EndpointHandle>> =
         cfg.disks.iter().map(|_| None).collect();
     if cfg.disks.iter().any(|d| d.iommu) {
-        let mut iommu = crate::virtio::iommu::Iommu::new(mem.clone())
-            .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
+        let mut iommu = crate::virtio::iommu::Iommu::with_config(
+            mem.clone(),
+            virtio_iommu::IommuConfig::default(),
+            cfg.iommu_poll,
+        )
+        .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
         let mut endpoints = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             if d.iommu {

@@ -168,6 +168,8 @@ struct Backend {
     requests: AtomicU64,
     /// Used-ring writes that failed (ring unmapped by the guest).
     ring_errors: AtomicU64,
+    /// Requests handed to the workers and not yet completed.
+    in_flight: AtomicU64,
 }
 
 /// A running device: its queue, the memory views and the interrupt.
@@ -364,6 +366,7 @@ impl<M: RingMemory> Running<M> {
             while let Some(chain) = q.pop_descriptor_chain(&self.ring_mem) {
                 match self.parse(chain) {
                     Ok(req) => {
+                        self.backend.in_flight.fetch_add(1, Ordering::Relaxed);
                         if jobs.send(req).is_err() {
                             return;
                         }
@@ -441,7 +444,7 @@ impl<M: RingMemory> Running<M> {
         // `self.phys` keeps alive.
         unsafe { std::ptr::write_volatile(req.status.ptr, status) };
         let used_len = u32::try_from(used + 1).unwrap_or(u32::MAX);
-        {
+        let notify = {
             let mut q = lock(&self.queue);
             if let Err(e) = q.add_used(&self.ring_mem, req.head, used_len) {
                 // The guest took the used ring away (e.g. detached the
@@ -453,13 +456,78 @@ impl<M: RingMemory> Running<M> {
                     log::warn!("virtio-blk: add_used: {e} ({} so far)", n + 1);
                 }
             }
-            if q.needs_notification(&self.ring_mem).unwrap_or(true) {
-                self.interrupt.signal_queue(0);
-            }
-        }
-        // The used entry is out: only now may the invalidations covering
-        // these buffers reply.
+            q.needs_notification(&self.ring_mem).unwrap_or(true)
+        };
+        // The used entry is out and the device is done with the buffers:
+        // the invalidations covering them may reply from now on. Unpin
+        // before the interrupt, so that the driver's UNMAP, which follows
+        // the interrupt closely, finds nothing to wait for.
         drop(req);
+        if notify {
+            self.interrupt.signal_queue(0);
+        }
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<M: RingMemory> Running<M> {
+    /// What the queue looks like, for the stall report: (avail index in
+    /// the ring, next to pop, next used, used_event, requests in flight).
+    fn queue_state(&self) -> (u16, u16, u16, Option<u16>, u64) {
+        let q = lock(&self.queue);
+        let avail = q
+            .avail_idx(&self.ring_mem, std::sync::atomic::Ordering::Acquire)
+            .map(|w| w.0)
+            .unwrap_or(u16::MAX);
+        let used_event = q.event_idx_enabled().then(|| {
+            let at = q.avail_ring() + 4 + 2 * u64::from(q.size());
+            self.ring_mem
+                .read_obj::<u16>(GuestAddress(at))
+                .unwrap_or(u16::MAX)
+        });
+        (
+            avail,
+            q.next_avail(),
+            q.next_used(),
+            used_event,
+            self.backend.in_flight.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Reports a queue that stopped moving while work is outstanding (buffers
+/// not popped, requests not completed, or used entries the driver has not
+/// been told about): the signature of a lost notification or interrupt.
+#[derive(Default)]
+struct StallCheck {
+    last: Option<(u16, u16, u16, Option<u16>, u64)>,
+    still: u32,
+    reported: bool,
+}
+
+impl StallCheck {
+    const TICKS: u32 = 5;
+
+    fn tick(&mut self, state: (u16, u16, u16, Option<u16>, u64)) -> Option<String> {
+        let (avail, next_avail, next_used, used_event, in_flight) = state;
+        let idle =
+            avail == next_avail && in_flight == 0 && used_event.is_none_or(|e| e == next_used);
+        if idle || self.last != Some(state) {
+            self.last = Some(state);
+            self.still = 0;
+            self.reported = false;
+            return None;
+        }
+        self.still += 1;
+        if self.still < Self::TICKS || self.reported {
+            return None;
+        }
+        self.reported = true;
+        Some(format!(
+            "virtio-blk: queue stalled for {}s: avail_idx={avail} next_avail={next_avail} \
+             next_used={next_used} used_event={used_event:?} in_flight={in_flight}",
+            self.still
+        ))
     }
 }
 
@@ -558,8 +626,15 @@ fn queue_loop<M: RingMemory>(
     // Buffers made available before activation.
     run.drain_queue(&jobs);
     let mut events = [EpollEvent::default(); 2];
+    let mut stall = StallCheck::default();
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(1000, &mut events) {
+            Ok(0) => {
+                if let Some(msg) = stall.tick(run.queue_state()) {
+                    log::warn!("{msg}");
+                }
+                continue;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -636,6 +711,7 @@ impl Block {
                 fail_every: cfg.fail_every,
                 requests: AtomicU64::new(0),
                 ring_errors: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
             }),
             acked: 0,
             threads: None,

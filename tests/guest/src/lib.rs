@@ -351,6 +351,14 @@ impl Outcome {
                 .any(|l| l.contains("] Oops:") || l.contains("] Kernel panic - not syncing"))
     }
 
+    /// Nested route: the run hit the hard timeout without L1 reporting
+    /// the VMM's end. L1 kills the VMM itself 15 s before that timeout and
+    /// reports it, so a VMM that hangs its guest still produces the
+    /// `L1-RESULT` line; its absence means L1 (the emulation) stopped.
+    pub fn l1_frozen(&self) -> bool {
+        self.route == Route::Nested && self.timed_out && self.vmm_exit().is_none()
+    }
+
     /// How many times L2's init started (more than once: the guest was
     /// reset, e.g. after a triple fault, and the VMM booted it again).
     pub fn l2_boots(&self) -> usize {
@@ -520,9 +528,16 @@ impl Bed {
         match self.route {
             Route::Nested => {
                 let out = self.run_nested(s)?;
-                if out.l1_oops() {
+                let why = if out.l1_oops() {
+                    Some("L1 kernel oops")
+                } else if out.l1_frozen() {
+                    Some("L1 froze: its own timeout never ended the VMM")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
                     eprintln!(
-                        "RETRY: {}: L1 kernel oops (bed failure, not the VMM); log {}",
+                        "RETRY: {}: {why} (bed failure, not the VMM); log {}",
                         s.name,
                         out.log_path.display()
                     );
@@ -1051,6 +1066,13 @@ mod tests {
         assert!(!mk(&["L2-INIT start", "AGENT-RESULT scenario=x status=pass"]).l1_oops());
         let two = mk(&["L2-INIT start uptime=1", "L2-INIT start uptime=1"]);
         assert_eq!(two.l2_boots(), 2);
+        let timed_out = |lines: &[&str]| Outcome {
+            timed_out: true,
+            ..mk(lines)
+        };
+        assert!(timed_out(&["AGENT-START scenario=perf"]).l1_frozen());
+        assert!(!timed_out(&["AGENT-START", "L1-RESULT vmm_exit=137"]).l1_frozen());
+        assert!(!mk(&["AGENT-START scenario=perf"]).l1_frozen());
     }
 
     #[test]
