@@ -134,6 +134,19 @@ fn submit_read(s: &mut Setup) {
     s.notify.write(1).unwrap();
 }
 
+/// Waits until the queue thread has parsed (and pinned) the request.
+fn wait_pinned(s: &mut Setup) {
+    let t0 = Instant::now();
+    while s.h.dev.endpoint(EP).unwrap().pins_in_flight() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "request never pinned; used: {:?}",
+            s.driver.pop_used(&s.h.mem)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Sends UNMAP of the data page; returns when its reply is published,
 /// with the time it took and whether the block request had completed by
 /// then (checked right when the reply appears).
@@ -183,16 +196,7 @@ fn unmap_reply_waits_for_the_read_that_holds_the_page() {
     let mut s = setup("wait", 300_000);
     submit_read(&mut s);
 
-    // Let the queue thread parse (and pin) the request.
-    let t0 = Instant::now();
-    while s.h.dev.endpoint(EP).unwrap().pins_in_flight() == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "request never pinned; used: {:?}",
-            s.driver.pop_used(&s.h.mem)
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_pinned(&mut s);
     let (took, blk_done) = unmap_data_page(&mut s, false);
     let (_, used_len) = blk_done.expect("UNMAP replied before the READ's used entry");
     assert_eq!(used_len, 4097);
@@ -215,15 +219,7 @@ fn stuck_read_is_revoked_after_the_grace_period() {
     // 10 s of injected delay; the IOMMU's grace period is 100 ms.
     let mut s = setup("revoke", 10_000_000);
     submit_read(&mut s);
-    let t0 = Instant::now();
-    while s.h.dev.endpoint(EP).unwrap().pins_in_flight() == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "request never pinned; used: {:?}",
-            s.driver.pop_used(&s.h.mem)
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_pinned(&mut s);
     let (took, blk_done) = unmap_data_page(&mut s, true);
     let (_, used_len) = blk_done.expect("UNMAP replied before the READ's used entry");
     assert_eq!(used_len, 1, "cancelled: status only");
@@ -248,14 +244,7 @@ fn control_a_device_that_does_not_drain_replies_under_the_read() {
     let mut s = setup("control", 300_000);
     s.h.dev.set_skip_drains_for_testing(true);
     submit_read(&mut s);
-    let t0 = Instant::now();
-    while s.h.dev.endpoint(EP).unwrap().pins_in_flight() == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "request never pinned"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_pinned(&mut s);
     assert_eq!(
         s.h.unmap(DOMAIN, DATA, DATA + 0xfff),
         Some(Status::Ok),
