@@ -414,6 +414,7 @@ impl Vm {
         // which the in-kernel irqchip never reports. Kick the vCPUs now and
         // then; each one records whether it sat halted with interrupts off.
         let mut quiet_ticks = 0;
+        let (mut stall_ticks, mut stall_reports) = (0u32, 0u32);
         let exit = loop {
             match rx.recv_timeout(HALT_CHECK_INTERVAL) {
                 Ok(exit) => break exit,
@@ -427,6 +428,17 @@ impl Vm {
             }
             for (id, w) in watches.iter().enumerate() {
                 w.check(id);
+            }
+            // A device reported a stall: the vCPUs record their registers at
+            // the next kicks; say where they are a few times.
+            if crate::virtio::block::STALL_SEEN.load(Ordering::Relaxed) && stall_reports < 5 {
+                stall_ticks += 1;
+                if stall_ticks % 10 == 0 {
+                    stall_reports += 1;
+                    for (id, w) in watches.iter().enumerate() {
+                        w.report_regs(id);
+                    }
+                }
             }
             let snapshot: Vec<u8> = states.iter().map(|s| s.load(Ordering::Acquire)).collect();
             if all_stopped(&snapshot) {
@@ -523,6 +535,11 @@ pub struct ExitWatch {
     addr: AtomicU64,
     /// Already reported this episode.
     reported: AtomicBool,
+    /// Guest RIP and RFLAGS when last interrupted, recorded while a device
+    /// reports a stall (the report then says where the guest is).
+    rip: AtomicU64,
+    rflags: AtomicU64,
+    mp_state: AtomicU64,
 }
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -543,6 +560,28 @@ impl ExitWatch {
     fn end(&self) {
         self.since_us.store(0, Ordering::Release);
         self.reported.store(false, Ordering::Relaxed);
+    }
+
+    fn record_regs(&self, vcpu: &VcpuFd) {
+        if let Ok(r) = vcpu.get_regs() {
+            self.rip.store(r.rip, Ordering::Relaxed);
+            self.rflags.store(r.rflags, Ordering::Relaxed);
+        }
+        if let Ok(m) = vcpu.get_mp_state() {
+            self.mp_state
+                .store(u64::from(m.mp_state), Ordering::Relaxed);
+        }
+    }
+
+    /// Says where the vCPU was when last interrupted.
+    fn report_regs(&self, id: usize) {
+        log::warn!(
+            "vCPU {id}: rip={:#x} rflags={:#x} (IF={}) mp_state={}",
+            self.rip.load(Ordering::Relaxed),
+            self.rflags.load(Ordering::Relaxed),
+            (self.rflags.load(Ordering::Relaxed) >> 9) & 1,
+            self.mp_state.load(Ordering::Relaxed)
+        );
     }
 
     /// Logs once per episode when the exit has taken too long.
@@ -645,7 +684,12 @@ fn vcpu_loop(
             Ok(other) => {
                 return VmExit::Error(format!("unhandled vCPU {id} exit: {other:?}"));
             }
-            Err(e) if e.errno() == libc::EINTR => state.store(classify(vcpu), Ordering::Release),
+            Err(e) if e.errno() == libc::EINTR => {
+                state.store(classify(vcpu), Ordering::Release);
+                if crate::virtio::block::STALL_SEEN.load(Ordering::Relaxed) {
+                    watch.record_regs(vcpu);
+                }
+            }
             Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => return VmExit::Error(format!("KVM_RUN on vCPU {id}: {e}")),
         }

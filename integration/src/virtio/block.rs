@@ -170,6 +170,10 @@ struct Backend {
     ring_errors: AtomicU64,
     /// Requests handed to the workers and not yet completed.
     in_flight: AtomicU64,
+    /// Whether the last completion asked for an interrupt (stall report).
+    last_signalled: AtomicBool,
+    /// Interrupts sent for completions.
+    interrupts: AtomicU64,
 }
 
 /// A running device: its queue, the memory views and the interrupt.
@@ -463,7 +467,9 @@ impl<M: RingMemory> Running<M> {
         // before the interrupt, so that the driver's UNMAP, which follows
         // the interrupt closely, finds nothing to wait for.
         drop(req);
+        self.backend.last_signalled.store(notify, Ordering::Relaxed);
         if notify {
+            self.backend.interrupts.fetch_add(1, Ordering::Relaxed);
             self.interrupt.signal_queue(0);
         }
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -494,6 +500,10 @@ impl<M: RingMemory> Running<M> {
         )
     }
 }
+
+/// Set once any disk has reported a stall; the VMM then reports where
+/// its vCPUs are.
+pub static STALL_SEEN: AtomicBool = AtomicBool::new(false);
 
 /// Reports a queue that stopped moving while work is outstanding (buffers
 /// not popped, requests not completed, or used entries the driver has not
@@ -631,7 +641,12 @@ fn queue_loop<M: RingMemory>(
         let n = match epoll.wait(1000, &mut events) {
             Ok(0) => {
                 if let Some(msg) = stall.tick(run.queue_state()) {
-                    log::warn!("{msg}");
+                    STALL_SEEN.store(true, Ordering::Relaxed);
+                    log::warn!(
+                        "{msg}; last completion signalled={} interrupts={}",
+                        run.backend.last_signalled.load(Ordering::Relaxed),
+                        run.backend.interrupts.load(Ordering::Relaxed)
+                    );
                 }
                 continue;
             }
@@ -712,6 +727,8 @@ impl Block {
                 requests: AtomicU64::new(0),
                 ring_errors: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
+                last_signalled: AtomicBool::new(false),
+                interrupts: AtomicU64::new(0),
             }),
             acked: 0,
             threads: None,
@@ -925,6 +942,24 @@ mod tests {
         }];
         assert!(rw(&f, &past, 0, false).is_err(), "EOF is an error");
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn stall_check_reports_outstanding_work_once() {
+        let mut c = StallCheck::default();
+        // Idle: everything popped, completed and seen by the driver.
+        for _ in 0..20 {
+            assert!(c.tick((5, 5, 5, Some(5), 0)).is_none());
+        }
+        // A completion the driver has not been told about, not moving.
+        let stuck = (6, 6, 6, Some(5), 0);
+        let reports: Vec<_> = (0..20).filter_map(|_| c.tick(stuck)).collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].contains("used_event=Some(5)"));
+        // Progress resets the episode.
+        assert!(c.tick((7, 7, 7, Some(7), 0)).is_none());
+        let popped_not_done = (8, 8, 7, Some(7), 1);
+        assert_eq!((0..20).filter_map(|_| c.tick(popped_not_done)).count(), 1);
     }
 
     #[test]
