@@ -850,14 +850,16 @@ impl VirtioDevice for Block {
                 let mem = IommuMemory::new(self.phys.clone(), ep, true, ());
                 self.spawn(mem, q, interrupt)
             }
-            // A driver that refused ACCESS_PLATFORM hands us physical
-            // addresses; the IOMMU cannot protect it (virtio 1.2, 6.1).
-            _ => {
+            // A driver that refused ACCESS_PLATFORM would hand us
+            // guest-physical addresses and so reach all of guest memory
+            // around the IOMMU (a userspace VFIO driver could do that on
+            // purpose): the device does not operate (virtio 1.2, 6.1).
+            Some(_) => Err(ActivateError(
+                "iommu=on: the driver did not accept VIRTIO_F_ACCESS_PLATFORM".into(),
+            )),
+            None => {
                 let mem = self.phys.clone();
-                let ep = self.endpoint.take();
-                let r = self.spawn(mem, q, interrupt);
-                self.endpoint = ep;
-                r
+                self.spawn(mem, q, interrupt)
             }
         }
     }
@@ -942,6 +944,35 @@ mod tests {
         }];
         assert!(rw(&f, &past, 0, false).is_err(), "EOF is an error");
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn iommu_disk_refuses_a_driver_without_access_platform() {
+        let path = std::env::temp_dir().join(format!("vmm-blk-ap-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut iommu = virtio_iommu::VirtioIommu::new(Default::default()).unwrap();
+        let ep = iommu.add_endpoint(8).unwrap();
+        let cfg = DiskConfig {
+            path: path.clone(),
+            iommu: true,
+            ..Default::default()
+        };
+        let mut blk = Block::new(&cfg, mem, Some(ep)).unwrap();
+        blk.ack_features(VIRTIO_F_VERSION_1);
+        struct NoInterrupt;
+        impl VirtioInterrupt for NoInterrupt {
+            fn signal_queue(&self, _: u16) {}
+            fn signal_config(&self) {}
+        }
+        let q = ActiveQueue {
+            index: 0,
+            queue: Queue::new(QUEUE_SIZE).unwrap(),
+            notify: Some(EventFd::new(EFD_NONBLOCK).unwrap()),
+        };
+        let e = blk.activate(vec![q], Arc::new(NoInterrupt)).err();
+        assert!(e.is_some_and(|e| e.0.contains("ACCESS_PLATFORM")));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
