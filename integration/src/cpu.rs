@@ -24,10 +24,6 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
     move |e| CpuError::Kvm(what, e)
 }
 
-const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
-const KVM_FEATURE_ASYNC_PF_VMEXIT: u32 = 1 << 10;
-const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
-
 /// Adjusts the host-supported CPUID for vCPU `id` of `count`.
 pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
     for e in cpuid.as_mut_slice() {
@@ -41,16 +37,6 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
                 }
             }
             0xb | 0x1f => e.edx = u32::from(id),
-            // KVM paravirt features: no asynchronous page faults. They let
-            // the guest run something else while the host faults in a page
-            // of guest RAM; guest RAM here is ordinary anonymous memory
-            // touched on first use, and under nested virtualization the
-            // "page ready" notifications proved unreliable (guests hung or
-            // triple-faulted in the middle of I/O).
-            0x4000_0001 => {
-                e.eax &=
-                    !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT)
-            }
             0x8000_001e => e.eax = u32::from(id),
             _ => {}
         }
@@ -291,20 +277,6 @@ mod tests {
         assert_ne!(s[0].ecx & (1 << 31), 0);
         assert_ne!(s[0].edx & (1 << 28), 0);
         assert_eq!(s[1].edx, 3);
-    }
-
-    #[test]
-    fn async_page_faults_are_not_offered() {
-        let mut c = CpuId::new(1).unwrap();
-        c.as_mut_slice()[0] = kvm_bindings::kvm_cpuid_entry2 {
-            function: 0x4000_0001,
-            eax: 0xffff_ffff,
-            ..Default::default()
-        };
-        patch_cpuid(&mut c, 0, 1);
-        let eax = c.as_slice()[0].eax;
-        assert_eq!(eax & (KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT), 0);
-        assert_ne!(eax & 1, 0, "other PV features stay");
     }
 
     #[test]

@@ -363,8 +363,9 @@ impl Outcome {
     /// it triple-faulted or hung until L1 killed the VMM. Both happen on
     /// the nested bed with upstream Cloud Hypervisor too (about 1 in 17
     /// churn runs) and with the reference VMM (about 1 in 10 one-vCPU
-    /// boots), cause not established; the runner retries such a run once
-    /// and says so, so a VMM that loses every run still fails.
+    /// boots), cause not established; the runner retries such a run (up to
+    /// [`NESTED_RETRIES`] times) and says so, so a VMM that loses every
+    /// run still fails.
     pub fn l2_lost(&self, scenario: &str) -> bool {
         self.route == Route::Nested
             && self.agent_result(scenario).is_none()
@@ -416,6 +417,9 @@ pub struct Bed {
 }
 
 static LOCK: Mutex<()> = Mutex::new(());
+
+/// How many times a nested run lost by the bed is run again.
+pub const NESTED_RETRIES: usize = 2;
 
 /// Serializes guest boots within a process (mutex) and across processes
 /// (flock on a file in the cache directory).
@@ -535,28 +539,29 @@ impl Bed {
     }
 
     /// Runs `s` under the VMM on the detected route. On the nested route a
-    /// run in which L1's own kernel oopsed (a fault of the emulation, not of
-    /// the VMM under test) is retried once.
+    /// run that the bed lost (L1 oopsed or froze, or L2 died without a
+    /// result: see [`Outcome::l2_lost`]) is retried, up to
+    /// [`NESTED_RETRIES`] times.
     pub fn run(&self, s: &Scenario) -> Result<Outcome, String> {
         match self.route {
             Route::Nested => {
-                let out = self.run_nested(s)?;
-                let why = if out.l1_oops() {
-                    Some("L1 kernel oops")
-                } else if out.l1_frozen() {
-                    Some("L1 froze: its own timeout never ended the VMM")
-                } else if out.l2_lost(&s.name) {
-                    Some("L2 died without a result (triple fault, or hung until L1 killed the VMM)")
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+                let mut out = self.run_nested(s)?;
+                for _ in 0..NESTED_RETRIES {
+                    let why = if out.l1_oops() {
+                        "L1 kernel oops"
+                    } else if out.l1_frozen() {
+                        "L1 froze: its own timeout never ended the VMM"
+                    } else if out.l2_lost(&s.name) {
+                        "L2 died without a result (triple fault, or hung until L1 killed the VMM)"
+                    } else {
+                        break;
+                    };
                     eprintln!(
                         "RETRY: {}: {why} (bed failure, not the VMM); log {}",
                         s.name,
                         out.log_path.display()
                     );
-                    return self.run_nested(s);
+                    out = self.run_nested(s)?;
                 }
                 Ok(out)
             }
