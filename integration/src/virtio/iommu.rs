@@ -61,31 +61,44 @@ struct Inner {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
 }
 
+/// After the crate has worked on queue `index`: interrupts the driver if
+/// used entries were added and the ring asks for it. Returns whether used
+/// entries were added.
+fn publish(
+    q: &mut Queue,
+    index: u16,
+    mem: &GuestMemoryMmap,
+    interrupt: Option<&Arc<dyn VirtioInterrupt>>,
+    processed: Result<bool, virtio_iommu::Error>,
+) -> bool {
+    match processed {
+        Ok(true) => {
+            if q.needs_notification(mem).unwrap_or(true) {
+                if let Some(i) = interrupt {
+                    i.signal_queue(index);
+                }
+            }
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            log::warn!("virtio-iommu: queue {index}: {e}");
+            false
+        }
+    }
+}
+
 impl Inner {
     /// Runs the request queue; publishes what completed. Returns whether
-    /// any reply was published.
+    /// any reply was published. Linux gives its request queue no callback
+    /// (it spins on the used ring), so the ring usually says no interrupt
+    /// is needed: skipping it saves an injection per request.
     fn run_requests(&mut self, mem: &GuestMemoryMmap) -> bool {
         let Some(q) = self.requests.as_mut() else {
             return false;
         };
-        match self.dev.process_requests(q, mem) {
-            // Linux gives its request queue no callback (it spins on the
-            // used ring), so the ring usually says no interrupt is needed:
-            // skipping it saves an injection per request.
-            Ok(true) => {
-                if q.needs_notification(mem).unwrap_or(true) {
-                    if let Some(i) = &self.interrupt {
-                        i.signal_queue(REQUEST_QUEUE);
-                    }
-                }
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                log::warn!("virtio-iommu: request queue: {e}");
-                false
-            }
-        }
+        let r = self.dev.process_requests(q, mem);
+        publish(q, REQUEST_QUEUE, mem, self.interrupt.as_ref(), r)
     }
 
     /// Turns the driver's kicks for the request queue on or off. Turning
@@ -108,17 +121,8 @@ impl Inner {
         let Some(q) = self.events.as_mut() else {
             return;
         };
-        match self.dev.process_events(q, mem) {
-            Ok(true) => {
-                if q.needs_notification(mem).unwrap_or(true) {
-                    if let Some(i) = &self.interrupt {
-                        i.signal_queue(EVENT_QUEUE);
-                    }
-                }
-            }
-            Ok(false) => {}
-            Err(e) => log::warn!("virtio-iommu: event queue: {e}"),
-        }
+        let r = self.dev.process_events(q, mem);
+        publish(q, EVENT_QUEUE, mem, self.interrupt.as_ref(), r);
     }
 }
 

@@ -40,6 +40,20 @@ fn block_names() -> Vec<String> {
     v
 }
 
+impl Disk {
+    /// Opens the whole device for reading and writing with O_DIRECT, so
+    /// that every access reaches the virtio-blk device.
+    pub fn open_direct(&self) -> Res<fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/dev/{}", self.name))
+            .map_err(|e| format!("open /dev/{} O_DIRECT: {e}", self.name))
+    }
+}
+
 /// PCI address of the device behind a block device.
 pub fn pci_of_block(name: &str) -> Res<String> {
     let p = fs::canonicalize(format!("/sys/block/{name}/device"))

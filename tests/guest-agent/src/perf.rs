@@ -13,7 +13,7 @@
 //! for `read4k`, `read256k`, `write4k`.
 
 use std::fs;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use crate::disks::{self, RESERVED_BYTES};
@@ -167,12 +167,7 @@ pub fn perf(p: &Params) -> Res<String> {
             disk.name, disk.size
         ));
     }
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/dev/{}", disk.name))
-        .map_err(|e| format!("open /dev/{} O_DIRECT: {e}", disk.name))?;
+    let f = disk.open_direct()?;
     let ph = Phase {
         f: &f,
         dev: &disk.name,

@@ -2,7 +2,7 @@
 //! `AGENT-RESULT` line, or an error (reported as `status=fail`).
 
 use std::fs;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -199,12 +199,7 @@ struct WorkerStats {
 }
 
 fn integrity_worker(disk: &Disk, region: (u64, u64), quota: u64, seed: u64) -> Res<WorkerStats> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/dev/{}", disk.name))
-        .map_err(|e| format!("open /dev/{} O_DIRECT: {e}", disk.name))?;
+    let f = disk.open_direct()?;
     let (start, len) = region;
     let pages = len / PAGE as u64;
     let max_pages = 32u64;
