@@ -39,10 +39,12 @@ pub struct Args {
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
     #[arg(long, value_name = "tty|file=PATH|null|off", default_value = "tty")]
     pub serial: String,
-    /// The virtio-iommu: poll_us=N polls the request queue for N µs after
-    /// its last activity instead of waiting for kicks (0: serve requests
-    /// inline on the notifying vCPU). Default 2000.
-    #[arg(long, value_name = "poll_us=N", default_value = "poll_us=2000")]
+    /// The virtio-iommu: poll_us=N polls the request queue for up to N µs
+    /// after its last activity instead of waiting for kicks; the window
+    /// adapts between 50 µs and N to the guest's gaps between bursts (0:
+    /// no polling, requests are served inline on the notifying vCPU).
+    /// Default 10000.
+    #[arg(long, value_name = "poll_us=N", default_value = "poll_us=10000")]
     pub iommu: String,
     /// virtio-console: only "off" is supported.
     #[arg(long, value_name = "off", default_value = "off")]
@@ -100,7 +102,7 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub disks: Vec<DiskConfig>,
     pub serial: SerialMode,
-    /// virtio-iommu polling window (`--iommu poll_us=`).
+    /// Upper bound of the virtio-iommu polling window (`--iommu poll_us=`).
     pub iommu_poll: std::time::Duration,
 }
 
@@ -258,9 +260,9 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-/// Parses `--iommu`: the polling window.
+/// Parses `--iommu`: the polling window's upper bound.
 pub fn parse_iommu(s: &str) -> Result<std::time::Duration, ConfigError> {
-    let mut poll = std::time::Duration::from_millis(2);
+    let mut poll = crate::virtio::iommu::DEFAULT_POLL;
     for (k, v) in split_kv("iommu", s, &["poll_us"])? {
         match k {
             "poll_us" => {

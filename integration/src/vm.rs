@@ -456,6 +456,7 @@ impl Vm {
             }
         };
         pio.flush();
+        crate::trace::dump();
         if let Some(m) = &metrics {
             eprintln!("{}", m.snapshot());
         }
@@ -617,9 +618,11 @@ fn vcpu_loop(
         }
         match &r {
             Ok(VcpuExit::IoIn(port, _)) | Ok(VcpuExit::IoOut(port, _)) => {
+                crate::trace::record(crate::trace::Event::VcpuPio, u64::from(*port));
                 watch.begin(u64::from(*port))
             }
             Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                crate::trace::record(crate::trace::Event::VcpuMmio, *addr);
                 watch.begin(*addr)
             }
             _ => {}

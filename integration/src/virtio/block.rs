@@ -370,6 +370,7 @@ impl<M: RingMemory> Running<M> {
             while let Some(chain) = q.pop_descriptor_chain(&self.ring_mem) {
                 match self.parse(chain) {
                     Ok(req) => {
+                        crate::trace::record(crate::trace::Event::BlkQueued, u64::from(req.head));
                         self.backend.in_flight.fetch_add(1, Ordering::Relaxed);
                         if jobs.send(req).is_err() {
                             return;
@@ -402,6 +403,7 @@ impl<M: RingMemory> Running<M> {
     /// pins go last.
     fn complete(&self, req: Request) {
         let b = &self.backend;
+        crate::trace::record(crate::trace::Event::BlkStart, u64::from(req.head));
         let n = b.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let mut used = 0u64;
         let status = if let Some(s) = req.early_status {
@@ -466,7 +468,12 @@ impl<M: RingMemory> Running<M> {
         // the invalidations covering them may reply from now on. Unpin
         // before the interrupt, so that the driver's UNMAP, which follows
         // the interrupt closely, finds nothing to wait for.
+        let head = req.head;
         drop(req);
+        crate::trace::record(
+            crate::trace::Event::BlkDone,
+            (u64::from(head) << 1) | u64::from(notify),
+        );
         self.backend.last_signalled.store(notify, Ordering::Relaxed);
         if notify {
             self.backend.interrupts.fetch_add(1, Ordering::Relaxed);
@@ -662,6 +669,7 @@ fn queue_loop<M: RingMemory>(
                 return;
             }
             let _ = notify.read();
+            crate::trace::record(crate::trace::Event::BlkKick, 0);
             run.drain_queue(&jobs);
         }
     }

@@ -9,11 +9,13 @@
 //! - **Polling** (default, `poll` > 0): after a kick (an ioeventfd, no exit
 //!   to this process), the device thread turns the driver's notifications
 //!   off and polls the ring, serving each request as soon as it appears,
-//!   until the queue has been idle for `poll`; then it turns notifications
-//!   back on and sleeps. The MAP, the I/O and the UNMAP of one DMA usually
-//!   fall within one window, so most requests cost neither a VM exit nor a
-//!   thread wake-up. The price is up to one host CPU busy for `poll` after
-//!   each burst; `--iommu poll_us=0` turns it off.
+//!   until the queue has been idle for the polling window; then it turns
+//!   notifications back on and sleeps. The window adapts between 50 µs
+//!   and `poll` (see [`PollWindow`]) so that it spans the gap between the
+//!   MAPs before a DMA and the UNMAPs after it: most requests then cost
+//!   neither a VM exit nor a thread wake-up. The price is up to one host
+//!   CPU busy for the window after each burst; `--iommu poll_us=0` turns
+//!   polling off.
 //! - **Inline** (`poll` = 0): the notify write exits to the vCPU thread that
 //!   made it ([`NotifyMode::Inline`]), which runs the queue right there.
 //!
@@ -38,8 +40,9 @@ use super::{ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrup
 
 /// Virtio device type of the IOMMU.
 pub const VIRTIO_ID_IOMMU: u32 = 23;
-/// Default polling window after the request queue's last activity.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(2);
+/// Default upper bound of the polling window after the request queue's
+/// last activity.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(10);
 const REQUEST_QUEUE: u16 = 0;
 const EVENT_QUEUE: u16 = 1;
 /// How long a vCPU thread spins for a parked request's drain before
@@ -145,13 +148,14 @@ pub struct Iommu {
 impl Iommu {
     /// A device with the crate's defaults for x86 (4 KiB pages, the MSI
     /// doorbell reserved, unattached endpoints blocked).
-    /// Polls for [`DEFAULT_POLL`] after activity.
+    /// Polls for up to [`DEFAULT_POLL`] after activity.
     pub fn new(mem: GuestMemoryMmap) -> Result<Self, virtio_iommu::Error> {
         Self::with_config(mem, IommuConfig::default(), DEFAULT_POLL)
     }
 
-    /// A device with an explicit configuration and polling window (zero:
-    /// no polling, requests run inline on the notifying vCPU).
+    /// A device with an explicit configuration and upper bound of the
+    /// polling window (zero: no polling, requests run inline on the
+    /// notifying vCPU).
     pub fn with_config(
         mem: GuestMemoryMmap,
         config: IommuConfig,
@@ -200,7 +204,7 @@ impl Iommu {
 
 /// The event thread: completes parked requests when their drain ends,
 /// revokes overdue pins, and delivers faults.
-fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, kicks: Kicks) {
+fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut kicks: Kicks) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -278,6 +282,8 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, kic
                     serve = true;
                 }
                 TOKEN_REQ_KICK => {
+                    crate::trace::record(crate::trace::Event::IommuKick, 0);
+                    kicks.window.kicked(Instant::now());
                     if let Some(k) = &kicks.requests {
                         let _ = k.read();
                     }
@@ -294,7 +300,7 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, kic
             }
         }
         if serve {
-            serve_requests(&inner, &mem, kicks.poll);
+            serve_requests(&inner, &mem, &mut kicks.window);
         }
         let mut g = lock(&inner);
         let now = Instant::now();
@@ -325,15 +331,84 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, kic
 struct Kicks {
     requests: Option<EventFd>,
     events: Option<EventFd>,
-    poll: Duration,
+    window: PollWindow,
+}
+
+/// How long the device thread keeps polling the request ring after its
+/// last activity, adapted to the guest the way KVM adapts halt polling.
+///
+/// A strict-mode guest's MAP, block I/O and UNMAP come in bursts whose gaps
+/// are the I/O time: a window shorter than the gap lets the thread fall
+/// asleep just before the next burst, which then costs a VM exit and a
+/// thread wake-up per burst (on the nested bed, also a wake-up on the
+/// vCPU's own CPU that slows the guest for the rest of the burst). So:
+/// when a kick arrives after the thread gave up but within `max` of the
+/// last activity, a longer window would have caught it, and the window
+/// grows to cover that gap; when the queue stays quiet for longer than
+/// `max`, polling was wasted, and the window halves back towards `min`.
+#[derive(Debug, Clone)]
+pub struct PollWindow {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+    /// When the thread last stopped polling, with the window it used.
+    slept: Option<(Instant, Duration)>,
+}
+
+impl PollWindow {
+    /// Shortest window the adaptation goes down to.
+    pub const MIN: Duration = Duration::from_micros(50);
+
+    /// A window that adapts between `min(MIN, max)` and `max`, starting at
+    /// the bottom. A zero `max` means no polling.
+    pub fn new(max: Duration) -> Self {
+        let min = Self::MIN.min(max);
+        PollWindow {
+            min,
+            max,
+            current: min,
+            slept: None,
+        }
+    }
+
+    /// Whether the device polls at all.
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
+    /// The window to poll for now.
+    pub fn current(&self) -> Duration {
+        self.current
+    }
+
+    /// The poller stops polling at `now` (the ring was quiet for the
+    /// current window).
+    pub fn slept(&mut self, now: Instant) {
+        self.slept = Some((now, self.current));
+    }
+
+    /// The guest kicked at `now`; adapts the window to the quiet time
+    /// since the last activity.
+    pub fn kicked(&mut self, now: Instant) {
+        let Some((at, window)) = self.slept.take() else {
+            return;
+        };
+        let quiet = window + now.saturating_duration_since(at);
+        self.current = if quiet <= self.max {
+            // Cover this gap with a quarter to spare, and at least double.
+            (quiet + quiet / 4).max(self.current * 2).min(self.max)
+        } else {
+            (self.current / 2).max(self.min)
+        };
+    }
 }
 
 /// Serves the request queue. With a polling window, keeps serving with
 /// the driver's kicks turned off until the queue has been idle for the
 /// window (a parked request counts as activity only within the window:
 /// after it the drain eventfd takes over).
-fn serve_requests(inner: &Mutex<Inner>, mem: &GuestMemoryMmap, poll: Duration) {
-    if poll.is_zero() {
+fn serve_requests(inner: &Mutex<Inner>, mem: &GuestMemoryMmap, window: &mut PollWindow) {
+    if !window.enabled() {
         lock(inner).run_requests(mem);
         return;
     }
@@ -343,11 +418,14 @@ fn serve_requests(inner: &Mutex<Inner>, mem: &GuestMemoryMmap, poll: Duration) {
         let served = lock(inner).run_requests(mem);
         let now = Instant::now();
         if served {
+            trace_served(inner);
             last_activity = now;
-        } else if now.duration_since(last_activity) >= poll {
+        } else if now.duration_since(last_activity) >= window.current() {
             // Kicks back on, then one more look: a request made available
             // before the driver saw the flag was not kicked.
             if !lock(inner).request_kicks(mem, true) {
+                crate::trace::record(crate::trace::Event::IommuSleep, 0);
+                window.slept(now);
                 return;
             }
             lock(inner).request_kicks(mem, false);
@@ -355,6 +433,18 @@ fn serve_requests(inner: &Mutex<Inner>, mem: &GuestMemoryMmap, poll: Duration) {
         }
         std::hint::spin_loop();
     }
+}
+
+/// Records how many MAPs and UNMAPs have completed so far.
+fn trace_served(inner: &Mutex<Inner>) {
+    use virtio_iommu::Status;
+    const MAP: u8 = 3;
+    const UNMAP: u8 = 4;
+    let m = lock(inner).dev.metrics();
+    crate::trace::record(
+        crate::trace::Event::IommuServed,
+        (m.requests(MAP, Status::Ok) << 32) | (m.requests(UNMAP, Status::Ok) & 0xffff_ffff),
+    );
 }
 
 /// While a revoked drain is still pending, wake up this often...
@@ -404,7 +494,7 @@ impl VirtioDevice for Iommu {
         let mut kicks = Kicks {
             requests: None,
             events: None,
-            poll: self.poll,
+            window: PollWindow::new(self.poll),
         };
         {
             let mut g = lock(&self.inner);
@@ -469,5 +559,67 @@ impl VirtioDevice for Iommu {
 impl Drop for Iommu {
     fn drop(&mut self) {
         self.stop_thread();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn window_grows_to_cover_a_gap_it_missed() {
+        let mut w = PollWindow::new(10 * MS);
+        assert_eq!(w.current(), PollWindow::MIN);
+        let t0 = Instant::now();
+        // Quiet for the window, asleep for 2.95 ms more: a 3 ms gap.
+        w.slept(t0);
+        w.kicked(t0 + 3 * MS - PollWindow::MIN);
+        assert_eq!(w.current(), 3 * MS + 3 * MS / 4, "gap plus a quarter");
+        // A gap the window covered is not seen here (no sleep, no kick).
+        // Missing again by a little still at least doubles.
+        let t1 = t0 + 100 * MS;
+        w.slept(t1);
+        w.kicked(t1 + MS / 10);
+        assert_eq!(w.current(), 2 * (3 * MS + 3 * MS / 4));
+        // Never beyond the bound: a 9 ms gap (7.5 ms polled, 1.5 asleep).
+        let t2 = t1 + 100 * MS;
+        w.slept(t2);
+        w.kicked(t2 + 3 * MS / 2);
+        assert_eq!(w.current(), 10 * MS);
+    }
+
+    #[test]
+    fn window_shrinks_after_quiet_longer_than_the_bound() {
+        let mut w = PollWindow::new(10 * MS);
+        let t0 = Instant::now();
+        w.slept(t0);
+        w.kicked(t0 + 5 * MS);
+        let grown = w.current();
+        assert!(grown > 5 * MS);
+        let t1 = t0 + 100 * MS;
+        w.slept(t1);
+        w.kicked(t1 + 50 * MS);
+        assert_eq!(w.current(), grown / 2);
+        for i in 2..20 {
+            let t = t0 + i * 100 * MS;
+            w.slept(t);
+            w.kicked(t + 50 * MS);
+        }
+        assert_eq!(w.current(), PollWindow::MIN, "down to the minimum, not below");
+    }
+
+    #[test]
+    fn kick_without_sleep_changes_nothing_and_zero_disables() {
+        let mut w = PollWindow::new(10 * MS);
+        w.kicked(Instant::now());
+        assert_eq!(w.current(), PollWindow::MIN);
+        let off = PollWindow::new(Duration::ZERO);
+        assert!(!off.enabled());
+        assert!(w.enabled());
+        // A bound below the minimum is the window.
+        let small = PollWindow::new(Duration::from_micros(20));
+        assert_eq!(small.current(), Duration::from_micros(20));
     }
 }
