@@ -24,6 +24,11 @@ fn main() -> ExitCode {
             let code = exit.exit_code();
             if code == 0 {
                 log::info!("guest stopped after {:.2?}: {exit:?}", start.elapsed());
+            } else if let vmm::VmExit::Signal(sig) = exit {
+                eprintln!(
+                    "vmm: stopped by signal {sig} after {:.2?}, guest still running",
+                    start.elapsed()
+                );
             } else {
                 eprintln!(
                     "vmm: guest stopped with an error after {:.2?}: {exit:?}",

@@ -65,6 +65,8 @@ pub enum VmExit {
     Shutdown(String),
     /// Something went wrong; carries the message.
     Error(String),
+    /// SIGTERM or SIGINT stopped the VMM (the guest was still running).
+    Signal(i32),
 }
 
 impl VmExit {
@@ -73,6 +75,8 @@ impl VmExit {
         match self {
             VmExit::Reset(_) | VmExit::Shutdown(_) => 0,
             VmExit::Error(_) => 1,
+            // What a shell reports for a process that the signal ended.
+            VmExit::Signal(sig) => 128 + sig,
         }
     }
 }
@@ -424,7 +428,19 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if let Some(sig) = stop_requested() {
-                break VmExit::Shutdown(format!("signal {sig}: stopping"));
+                // Say where the guest is: a run stopped from outside is
+                // usually one whose guest stopped making progress.
+                STOPPING.store(true, Ordering::Relaxed);
+                for _ in 0..2 {
+                    for h in &handles {
+                        let _ = h.kill(kick);
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                for (id, w) in watches.iter().enumerate() {
+                    w.report_state(id);
+                }
+                break VmExit::Signal(sig);
             }
             for (id, w) in watches.iter().enumerate() {
                 w.check(id);
@@ -436,7 +452,7 @@ impl Vm {
                 if stall_ticks % 10 == 0 {
                     stall_reports += 1;
                     for (id, w) in watches.iter().enumerate() {
-                        w.report_regs(id);
+                        w.report_state(id);
                     }
                 }
             }
@@ -484,6 +500,10 @@ const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 const HALT_CHECKS_TO_STOP: u32 = 2;
 
 extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Set when a signal stops the VMM: the vCPUs record their state at the
+/// next kick, for the stop report.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// The last SIGTERM/SIGINT received (0: none).
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -536,11 +556,12 @@ pub struct ExitWatch {
     addr: AtomicU64,
     /// Already reported this episode.
     reported: AtomicBool,
-    /// Guest RIP and RFLAGS when last interrupted, recorded while a device
-    /// reports a stall (the report then says where the guest is).
-    rip: AtomicU64,
-    rflags: AtomicU64,
-    mp_state: AtomicU64,
+    /// Where the guest was when last interrupted (registers, pending
+    /// events, local APIC), recorded while a device reports a stall or the
+    /// VMM is being stopped by a signal: the report then says whether a
+    /// guest that stopped making progress is halted, spinning with
+    /// interrupts off, or has an interrupt pending that never got in.
+    state: Mutex<String>,
 }
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -563,25 +584,15 @@ impl ExitWatch {
         self.reported.store(false, Ordering::Relaxed);
     }
 
-    fn record_regs(&self, vcpu: &VcpuFd) {
-        if let Ok(r) = vcpu.get_regs() {
-            self.rip.store(r.rip, Ordering::Relaxed);
-            self.rflags.store(r.rflags, Ordering::Relaxed);
-        }
-        if let Ok(m) = vcpu.get_mp_state() {
-            self.mp_state
-                .store(u64::from(m.mp_state), Ordering::Relaxed);
-        }
+    fn record_state(&self, vcpu: &VcpuFd) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = describe_vcpu(vcpu);
     }
 
     /// Says where the vCPU was when last interrupted.
-    fn report_regs(&self, id: usize) {
+    fn report_state(&self, id: usize) {
         log::warn!(
-            "vCPU {id}: rip={:#x} rflags={:#x} (IF={}) mp_state={}",
-            self.rip.load(Ordering::Relaxed),
-            self.rflags.load(Ordering::Relaxed),
-            (self.rflags.load(Ordering::Relaxed) >> 9) & 1,
-            self.mp_state.load(Ordering::Relaxed)
+            "vCPU {id}: {}",
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
         );
     }
 
@@ -600,6 +611,90 @@ impl ExitWatch {
             );
         }
     }
+}
+
+/// One line on a vCPU's state: registers, control registers, pending
+/// events and the local APIC's priority, in-service and pending vectors
+/// and timer.
+pub fn describe_vcpu(vcpu: &VcpuFd) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Ok(m) = vcpu.get_mp_state() {
+        let _ = write!(out, "mp_state={}", m.mp_state);
+    }
+    if let Ok(r) = vcpu.get_regs() {
+        let _ = write!(
+            out,
+            " rip={:#x} rsp={:#x} rflags={:#x} (IF={})",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            (r.rflags >> 9) & 1
+        );
+    }
+    if let Ok(s) = vcpu.get_sregs() {
+        let _ = write!(
+            out,
+            " cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+        );
+    }
+    if let Ok(e) = vcpu.get_vcpu_events() {
+        let _ = write!(
+            out,
+            " irq_injected={} irq_nr={:#x} shadow={} nmi_pending={} nmi_injected={} \
+             exc_injected={} exc_nr={}",
+            e.interrupt.injected,
+            e.interrupt.nr,
+            e.interrupt.shadow,
+            e.nmi.pending,
+            e.nmi.injected,
+            e.exception.injected,
+            e.exception.nr
+        );
+    }
+    if let Ok(l) = vcpu.get_lapic() {
+        let reg = |off: usize| {
+            let b = &l.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        // Highest vector set in a 256-bit APIC register array.
+        let highest = |base: usize| {
+            (0..8)
+                .rev()
+                .find_map(|i| {
+                    let v = reg(base + 0x10 * i);
+                    (v != 0).then(|| 32 * i as u32 + 31 - v.leading_zeros())
+                })
+                .map_or("-".to_string(), |v| format!("{v:#x}"))
+        };
+        let _ = write!(
+            out,
+            " apic: tpr={:#x} ppr={:#x} isr={} irr={} lvt_timer={:#x} tmict={:#x} tmcct={:#x}",
+            reg(0x80),
+            reg(0xa0),
+            highest(0x100),
+            highest(0x200),
+            reg(0x320),
+            reg(0x380),
+            reg(0x390)
+        );
+    }
+    // The TSC-deadline timer against the TSC: a deadline in the past with
+    // the timer vector neither pending nor in service is a lost timer.
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    let entries = [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE].map(|index| kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    });
+    if let Ok(mut msrs) = kvm_bindings::Msrs::from_entries(&entries) {
+        if vcpu.get_msrs(&mut msrs) == Ok(2) {
+            let m = msrs.as_slice();
+            let _ = write!(out, " tsc={:#x} tsc_deadline={:#x}", m[0].data, m[1].data);
+        }
+    }
+    out
 }
 
 fn vcpu_loop(
@@ -689,8 +784,10 @@ fn vcpu_loop(
             }
             Err(e) if e.errno() == libc::EINTR => {
                 state.store(classify(vcpu), Ordering::Release);
-                if crate::virtio::block::STALL_SEEN.load(Ordering::Relaxed) {
-                    watch.record_regs(vcpu);
+                if crate::virtio::block::STALL_SEEN.load(Ordering::Relaxed)
+                    || STOPPING.load(Ordering::Relaxed)
+                {
+                    watch.record_state(vcpu);
                 }
             }
             Err(e) if e.errno() == libc::EAGAIN => {}
@@ -770,5 +867,6 @@ mod tests {
         assert_eq!(VmExit::Reset("x".into()).exit_code(), 0);
         assert_eq!(VmExit::Shutdown("x".into()).exit_code(), 0);
         assert_eq!(VmExit::Error("x".into()).exit_code(), 1);
+        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
     }
 }
