@@ -607,7 +607,11 @@ mod tests {
             w.slept(t);
             w.kicked(t + 50 * MS);
         }
-        assert_eq!(w.current(), PollWindow::MIN, "down to the minimum, not below");
+        assert_eq!(
+            w.current(),
+            PollWindow::MIN,
+            "down to the minimum, not below"
+        );
     }
 
     #[test]
