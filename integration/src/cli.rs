@@ -27,8 +27,15 @@ pub struct Args {
     /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     pub cpus: String,
-    /// Guest RAM: size=512M|1G|...
-    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    /// Guest RAM: size=512M|1G|...[,prefault=on|off]. prefault=on
+    /// allocates all of it and maps it into KVM's stage-2 page tables
+    /// before the guest runs (the guest then takes no nested page faults
+    /// for RAM).
+    #[arg(
+        long,
+        value_name = "size=SIZE[,prefault=on]",
+        default_value = "size=512M"
+    )]
     pub memory: String,
     /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw (one or
     /// more). Fault injection for tests: delay_us=N holds every request N
@@ -100,10 +107,22 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub mem_size: u64,
+    /// Populate guest RAM, and map it for the guest, before it runs
+    /// (`--memory prefault=on`).
+    pub mem_prefault: bool,
     pub disks: Vec<DiskConfig>,
     pub serial: SerialMode,
     /// Upper bound of the virtio-iommu polling window (`--iommu poll_us=`).
     pub iommu_poll: std::time::Duration,
+}
+
+/// `--memory` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of guest RAM.
+    pub size: u64,
+    /// Populate it before the guest runs.
+    pub prefault: bool,
 }
 
 /// Largest guest RAM accepted (RAM above the 3 GiB..4 GiB hole is fine).
@@ -179,27 +198,33 @@ pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
 }
 
 /// Parses `--memory`.
-pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
-    let kv = split_kv("memory", s, &["size"])?;
+pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
+    let kv = split_kv("memory", s, &["size", "prefault"])?;
     let mut size = None;
+    let mut prefault = false;
     for (k, v) in kv {
-        if k == "size" {
-            let n = parse_size(v).ok_or_else(|| {
-                invalid("memory", format!("size={v:?}: expected e.g. 512M or 1G"))
-            })?;
-            if !(MIN_MEM..=MAX_MEM).contains(&n) {
-                return Err(invalid(
-                    "memory",
-                    format!("size={v}: must be between 32M and 64G"),
-                ));
+        match k {
+            "size" => {
+                let n = parse_size(v).ok_or_else(|| {
+                    invalid("memory", format!("size={v:?}: expected e.g. 512M or 1G"))
+                })?;
+                if !(MIN_MEM..=MAX_MEM).contains(&n) {
+                    return Err(invalid(
+                        "memory",
+                        format!("size={v}: must be between 32M and 64G"),
+                    ));
+                }
+                if n % 4096 != 0 {
+                    return Err(invalid("memory", format!("size={v}: not a multiple of 4K")));
+                }
+                size = Some(n);
             }
-            if n % 4096 != 0 {
-                return Err(invalid("memory", format!("size={v}: not a multiple of 4K")));
-            }
-            size = Some(n);
+            "prefault" => prefault = parse_on_off("memory", k, v)?,
+            _ => unreachable!("split_kv checked the key"),
         }
     }
-    size.ok_or_else(|| invalid("memory", "size=... is required"))
+    let size = size.ok_or_else(|| invalid("memory", "size=... is required"))?;
+    Ok(MemoryConfig { size, prefault })
 }
 
 /// Parses one `--disk` value.
@@ -320,12 +345,14 @@ impl VmConfig {
         if args.cmdline.contains('\0') {
             return Err(invalid("cmdline", "contains a NUL byte"));
         }
+        let memory = parse_memory(&args.memory)?;
         Ok(VmConfig {
             kernel: args.kernel.clone(),
             initramfs: args.initramfs.clone(),
             cmdline: args.cmdline.clone(),
             cpus: parse_cpus(&args.cpus)?,
-            mem_size: parse_memory(&args.memory)?,
+            mem_size: memory.size,
+            mem_prefault: memory.prefault,
             disks: args
                 .disk
                 .iter()
@@ -464,7 +491,12 @@ mod tests {
         ] {
             assert!(parse_memory(m).is_err(), "{m}");
         }
-        assert_eq!(parse_memory("size=3584M").unwrap(), 3584 << 20);
+        assert!(parse_memory("size=1G,prefault=maybe").is_err());
+        assert!(parse_memory("prefault=on").is_err(), "size is required");
+        let m = parse_memory("size=3584M").unwrap();
+        assert_eq!((m.size, m.prefault), (3584 << 20, false));
+        let m = parse_memory("size=1G,prefault=on").unwrap();
+        assert_eq!((m.size, m.prefault), (1 << 30, true));
     }
 
     #[test]

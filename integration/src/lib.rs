@@ -12,6 +12,7 @@ pub mod boot;
 pub mod cli;
 pub mod cpu;
 pub mod layout;
+pub mod memory;
 pub mod mptable;
 pub mod pci;
 pub mod rtc;

@@ -357,6 +357,15 @@ impl Vm {
                 .map_err(|e| VmError::Cpu(id, e))?;
             vcpus.push(vcpu);
         }
+        if cfg.mem_prefault {
+            let p = crate::memory::prefault(&kvm_sys, &vcpus[0], &mem).map_err(VmError::Memory)?;
+            log::info!(
+                "prefault: {} MiB populated, {} MiB mapped for the guest in {:.1?}",
+                p.populated >> 20,
+                p.mapped >> 20,
+                p.took
+            );
+        }
 
         Ok(Vm {
             _kvm: kvm_sys,
@@ -753,7 +762,10 @@ fn vcpu_loop(
                 // Only seen without an in-kernel LAPIC; keep going.
             }
             Ok(VcpuExit::Shutdown) => {
-                return VmExit::Reset(format!("triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id}"))
+                // Linux resets through ACPI, the i8042 or a system event;
+                // a shutdown exit is a guest that faulted beyond repair.
+                log::warn!("vCPU {id} at its triple fault: {}", describe_vcpu(vcpu));
+                return VmExit::Reset(format!("triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id}"));
             }
             Ok(VcpuExit::SystemEvent(kind, data)) => {
                 return match kind {
