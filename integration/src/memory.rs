@@ -126,7 +126,8 @@ mod tests {
 
     #[test]
     fn populate_keeps_contents() {
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_obj(0xabcd_u32, GuestAddress(0x8000)).unwrap();
         let host = mem.get_host_address(GuestAddress(0)).unwrap();
         populate_write(host, 1 << 20).unwrap();

@@ -410,10 +410,12 @@ impl Vm {
             let pci = pci.clone();
             let states = states.clone();
             let watches = watches.clone();
+            let mem = _mem.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let exit = vcpu_loop(id, &mut vcpu, &pio, &pci, &states[id], &watches[id]);
+                    let exit =
+                        vcpu_loop(id, &mut vcpu, &pio, &pci, (&states[id], &watches[id]), &mem);
                     let _ = tx.send(exit);
                     // Keep the fd open until the process exits.
                     std::mem::forget(vcpu);
@@ -593,8 +595,8 @@ impl ExitWatch {
         self.reported.store(false, Ordering::Relaxed);
     }
 
-    fn record_state(&self, vcpu: &VcpuFd) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = describe_vcpu(vcpu);
+    fn record_state(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = describe_vcpu(vcpu, mem);
     }
 
     /// Says where the vCPU was when last interrupted.
@@ -622,16 +624,50 @@ impl ExitWatch {
     }
 }
 
+/// Reads `len` bytes at guest virtual address `va` through the guest's
+/// 4-level page tables at `cr3` (long mode, no LA57); `None` where a level
+/// is not present or the bytes cross into an unmapped page.
+pub fn read_guest_virt(mem: &GuestMemoryMmap, cr3: u64, va: u64, len: usize) -> Option<Vec<u8>> {
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let translate = |va: u64| -> Option<u64> {
+        let mut table = cr3 & ADDR;
+        for level in (0..4).rev() {
+            let index = (va >> (12 + 9 * level)) & 0x1ff;
+            let entry: u64 = mem.read_obj(GuestAddress(table + 8 * index)).ok()?;
+            if entry & PRESENT == 0 {
+                return None;
+            }
+            // 1 GiB (level 2) and 2 MiB (level 1) pages.
+            if (level == 2 || level == 1) && entry & HUGE != 0 {
+                let size = 1u64 << (12 + 9 * level);
+                return Some((entry & ADDR & !(size - 1)) | (va & (size - 1)));
+            }
+            table = entry & ADDR;
+        }
+        Some(table | (va & 0xfff))
+    };
+    let mut out = vec![0u8; len];
+    for (i, b) in out.iter_mut().enumerate() {
+        let gpa = translate(va.wrapping_add(i as u64))?;
+        *b = mem.read_obj(GuestAddress(gpa)).ok()?;
+    }
+    Some(out)
+}
+
 /// One line on a vCPU's state: registers, control registers, pending
-/// events and the local APIC's priority, in-service and pending vectors
-/// and timer.
-pub fn describe_vcpu(vcpu: &VcpuFd) -> String {
+/// events, the local APIC's priority, in-service and pending vectors and
+/// timer, and the code bytes at RIP.
+pub fn describe_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     if let Ok(m) = vcpu.get_mp_state() {
         let _ = write!(out, "mp_state={}", m.mp_state);
     }
-    if let Ok(r) = vcpu.get_regs() {
+    let regs = vcpu.get_regs().ok();
+    let sregs = vcpu.get_sregs().ok();
+    if let Some(r) = &regs {
         let _ = write!(
             out,
             " rip={:#x} rsp={:#x} rflags={:#x} (IF={})",
@@ -641,11 +677,11 @@ pub fn describe_vcpu(vcpu: &VcpuFd) -> String {
             (r.rflags >> 9) & 1
         );
     }
-    if let Ok(s) = vcpu.get_sregs() {
+    if let Some(s) = &sregs {
         let _ = write!(
             out,
-            " cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+            " cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
         );
     }
     if let Ok(e) = vcpu.get_vcpu_events() {
@@ -661,6 +697,9 @@ pub fn describe_vcpu(vcpu: &VcpuFd) -> String {
             e.exception.injected,
             e.exception.nr
         );
+        if e.exception.has_error_code != 0 {
+            let _ = write!(out, " exc_error={:#x}", e.exception.error_code);
+        }
     }
     if let Ok(l) = vcpu.get_lapic() {
         let reg = |off: usize| {
@@ -703,6 +742,17 @@ pub fn describe_vcpu(vcpu: &VcpuFd) -> String {
             let _ = write!(out, " tsc={:#x} tsc_deadline={:#x}", m[0].data, m[1].data);
         }
     }
+    // Long mode with paging: the instruction bytes at RIP, to tell what
+    // the guest is executing without its symbols.
+    const EFER_LMA: u64 = 1 << 10;
+    if let (Some(r), Some(s)) = (regs, sregs) {
+        if s.efer & EFER_LMA != 0 {
+            if let Some(code) = read_guest_virt(mem, s.cr3, r.rip, 16) {
+                let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+                let _ = write!(out, " code={hex}");
+            }
+        }
+    }
     out
 }
 
@@ -711,8 +761,8 @@ fn vcpu_loop(
     vcpu: &mut VcpuFd,
     pio: &PioBus,
     pci: &PciBus,
-    state: &AtomicU8,
-    watch: &ExitWatch,
+    (state, watch): (&AtomicU8, &ExitWatch),
+    mem: &GuestMemoryMmap,
 ) -> VmExit {
     loop {
         watch.end();
@@ -764,7 +814,10 @@ fn vcpu_loop(
             Ok(VcpuExit::Shutdown) => {
                 // Linux resets through ACPI, the i8042 or a system event;
                 // a shutdown exit is a guest that faulted beyond repair.
-                log::warn!("vCPU {id} at its triple fault: {}", describe_vcpu(vcpu));
+                log::warn!(
+                    "vCPU {id} at its triple fault: {}",
+                    describe_vcpu(vcpu, mem)
+                );
                 return VmExit::Reset(format!("triple fault (KVM_EXIT_SHUTDOWN) on vCPU {id}"));
             }
             Ok(VcpuExit::SystemEvent(kind, data)) => {
@@ -799,7 +852,7 @@ fn vcpu_loop(
                 if crate::virtio::block::STALL_SEEN.load(Ordering::Relaxed)
                     || STOPPING.load(Ordering::Relaxed)
                 {
-                    watch.record_state(vcpu);
+                    watch.record_state(vcpu, mem);
                 }
             }
             Err(e) if e.errno() == libc::EAGAIN => {}
@@ -862,6 +915,39 @@ mod tests {
         let mut lsr = [0u8];
         bus.read(0x3fd, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn guest_virtual_reads_walk_4k_and_2m_pages() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        // PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000; PD[0] -> PT at
+        // 0x4000 (4 KiB pages), PD[1] a 2 MiB page at 4 MiB.
+        let va_base = 0xffff_ffff_8000_0000u64;
+        let pml4 = (va_base >> 39) & 0x1ff;
+        let pdpt = (va_base >> 30) & 0x1ff;
+        mem.write_obj(0x2003u64, GuestAddress(0x1000 + 8 * pml4))
+            .unwrap();
+        mem.write_obj(0x3003u64, GuestAddress(0x2000 + 8 * pdpt))
+            .unwrap();
+        mem.write_obj(0x4003u64, GuestAddress(0x3000)).unwrap();
+        mem.write_obj(0x40_0083u64, GuestAddress(0x3008)).unwrap();
+        // PT[5] -> page at 0x7000.
+        mem.write_obj(0x7003u64, GuestAddress(0x4000 + 8 * 5))
+            .unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x7ffe)).unwrap();
+        mem.write_slice(b"huge", GuestAddress(0x40_1234)).unwrap();
+        let cr3 = 0x1000;
+        // 0x5ffe..0x6000 maps to 0x7ffe..; the next page (PT[6]) is absent.
+        assert_eq!(
+            read_guest_virt(&mem, cr3, va_base + 0x5ffe, 2).as_deref(),
+            Some(&b"he"[..])
+        );
+        assert_eq!(read_guest_virt(&mem, cr3, va_base + 0x5ffe, 5), None);
+        assert_eq!(
+            read_guest_virt(&mem, cr3, va_base + 0x20_1234, 4).as_deref(),
+            Some(&b"huge"[..])
+        );
+        assert_eq!(read_guest_virt(&mem, cr3, 0x1000, 1), None);
     }
 
     #[test]
