@@ -747,9 +747,23 @@ pub fn describe_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     const EFER_LMA: u64 = 1 << 10;
     if let (Some(r), Some(s)) = (regs, sregs) {
         if s.efer & EFER_LMA != 0 {
+            // A page-table root outside guest RAM cannot be the guest's
+            // own (on the nested bed: L1's CR3 leaking into L2).
+            let root = s.cr3 & 0x000f_ffff_ffff_f000;
+            if mem.read_obj::<u64>(GuestAddress(root)).is_err() {
+                let _ = write!(out, " cr3_outside_ram");
+            }
             if let Some(code) = read_guest_virt(mem, s.cr3, r.rip, 16) {
                 let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
                 let _ = write!(out, " code={hex}");
+            }
+            // The top of the stack: return addresses say how it got there.
+            if let Some(stack) = read_guest_virt(mem, s.cr3, r.rsp, 64) {
+                let words: Vec<String> = stack
+                    .chunks_exact(8)
+                    .map(|w| format!("{:x}", u64::from_le_bytes(w.try_into().unwrap())))
+                    .collect();
+                let _ = write!(out, " stack={}", words.join(","));
             }
         }
     }
