@@ -97,7 +97,7 @@ fn main() {
         .or(params.get("scenario"))
         .unwrap_or("none")
         .to_string();
-    if scenario != "kvm-check" {
+    if scenario != "kvm-check" && scenario != "kvm-hold" {
         say(&format!("AGENT-START scenario={scenario}"));
     }
     start_watchdog(scenario.clone(), params.num("watchdog", 0));
@@ -108,6 +108,7 @@ fn main() {
         "churn" => scenarios::churn(&params),
         "perf" => perf::perf(&params),
         "kvm-check" => scenarios::kvm_check(),
+        "kvm-hold" => scenarios::kvm_hold(),
         "boot" => scenarios::boot(),
         other => Err(format!("unknown scenario {other:?}")),
     };

@@ -713,6 +713,47 @@ pub fn kvm_check() -> Res<String> {
     r
 }
 
+/// L1 helper: creates a VM with an in-kernel irqchip and one vCPU and
+/// holds them until killed (L1's init starts it while only CPU 0 is
+/// online, then writes `/run/kvm-held`). While a VM exists, the VMMs that
+/// follow create and destroy theirs without flipping KVM's static keys
+/// (preempt notifiers, the disabled-APIC keys), each flip being live code
+/// patching in L1, which the nested bed's emulation sometimes gets wrong
+/// when another vCPU runs the code being patched (an L1 oops on a stray
+/// int3).
+pub fn kvm_hold() -> Res<String> {
+    const KVM_CREATE_VM: u64 = 0xae01;
+    const KVM_CREATE_IRQCHIP: u64 = 0xae60;
+    const KVM_CREATE_VCPU: u64 = 0xae41;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("open /dev/kvm: {e}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain-integer KVM ioctls on valid fds; the fds stay open
+    // until the process is killed.
+    unsafe {
+        let vm = libc::ioctl(f.as_raw_fd(), KVM_CREATE_VM as _, 0);
+        if vm < 0 {
+            return Err(os_err("KVM_CREATE_VM"));
+        }
+        if libc::ioctl(vm, KVM_CREATE_IRQCHIP as _, 0) < 0 {
+            return Err(os_err("KVM_CREATE_IRQCHIP"));
+        }
+        if libc::ioctl(vm, KVM_CREATE_VCPU as _, 0) < 0 {
+            return Err(os_err("KVM_CREATE_VCPU"));
+        }
+    }
+    crate::say("AGENT-RESULT scenario=kvm-hold status=pass holding=1");
+    // Tells L1's init that the keys are set.
+    let _ = fs::create_dir_all("/run");
+    fs::write("/run/kvm-held", b"").map_err(|e| format!("write /run/kvm-held: {e}"))?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

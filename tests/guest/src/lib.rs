@@ -37,6 +37,20 @@ pub const TCG_THREAD_ENV: &str = "VIRTIO_IOMMU_TEST_TCG_THREAD";
 /// `bzimage` hands the VMM the L2 bzImage instead of the ELF vmlinux (PVH).
 pub const KERNEL_FORMAT_ENV: &str = "VIRTIO_IOMMU_TEST_L2_KERNEL";
 
+/// Extra environment for the VMM under test: space-separated `KEY=VALUE`
+/// words (e.g. `VMM_TRACE=200000` for the reference VMM's event trace).
+pub const VMM_EXTRA_ENV: &str = "VIRTIO_IOMMU_TEST_VMM_ENV";
+
+/// The `KEY=VALUE` pairs of [`VMM_EXTRA_ENV`].
+fn vmm_extra_env() -> Vec<(String, String)> {
+    std::env::var(VMM_EXTRA_ENV)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn want_bzimage() -> bool {
     std::env::var(KERNEL_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("bzimage"))
 }
@@ -222,6 +236,13 @@ pub struct Scenario {
     pub mem_mib: u64,
     /// Hard limit for the whole run (QEMU or the direct VMM is killed).
     pub timeout: Duration,
+    /// Nested route: boot L2 this many times in a row within one L1 boot
+    /// (a soak run: see the `guest-soak` binary). Each VMM run is marked
+    /// with `L1-ITER` lines and ends after `run_timeout` (SIGTERM, then
+    /// SIGKILL 5 s later).
+    pub repeat: u32,
+    /// Limit of one VMM run when `repeat` > 1.
+    pub run_timeout: Duration,
 }
 
 impl Scenario {
@@ -233,6 +254,8 @@ impl Scenario {
             cpus: 1,
             mem_mib: 512,
             timeout: Duration::from_secs(120),
+            repeat: 1,
+            run_timeout: Duration::from_secs(60),
         }
     }
 
@@ -352,16 +375,17 @@ impl Outcome {
     }
 
     /// Nested route: the run hit the hard timeout without L1 reporting
-    /// the VMM's end. L1 kills the VMM itself 15 s before that timeout and
-    /// reports it, so a VMM that hangs its guest still produces the
-    /// `L1-RESULT` line; its absence means L1 (the emulation) stopped.
+    /// the VMM's end. L1 stops the VMM itself (SIGTERM, then SIGKILL) at
+    /// least 15 s before that timeout and reports it, so a VMM that hangs
+    /// its guest still produces the `L1-RESULT` line; its absence means L1
+    /// (the emulation) stopped.
     pub fn l1_frozen(&self) -> bool {
         self.route == Route::Nested && self.timed_out && self.vmm_exit().is_none()
     }
 
     /// Nested route: L2 ended without the scenario's result line because
-    /// it triple-faulted or hung until L1 killed the VMM. Both happen on
-    /// the nested bed with upstream Cloud Hypervisor too (about 1 in 17
+    /// it triple-faulted or hung until L1 stopped the VMM (SIGTERM: exit
+    /// status 143, or SIGKILL: 137). Both happen on the nested bed with upstream Cloud Hypervisor too (about 1 in 17
     /// churn runs) and with the reference VMM (about 1 in 10 one-vCPU
     /// boots), cause not established; the runner retries such a run (up to
     /// [`NESTED_RETRIES`] times) and says so, so a VMM that loses every
@@ -370,7 +394,7 @@ impl Outcome {
         self.route == Route::Nested
             && self.agent_result(scenario).is_none()
             && (self.lines.iter().any(|l| l.contains("triple fault"))
-                || self.vmm_exit() == Some(137))
+                || matches!(self.vmm_exit(), Some(137 | 143)))
     }
 
     /// How many times L2's init started (more than once: the guest was
@@ -569,6 +593,15 @@ impl Bed {
         }
     }
 
+    /// Runs `s` once on the detected route, without the retries of
+    /// [`Bed::run`] (for soak runs, which count what the bed loses).
+    pub fn run_once(&self, s: &Scenario) -> Result<Outcome, String> {
+        match self.route {
+            Route::Nested => self.run_nested(s),
+            Route::Direct => self.run_direct(s),
+        }
+    }
+
     fn vmm_args(&self, s: &Scenario, kernel: &str, initrd: &str, disks: &[String]) -> Vec<String> {
         let mut a = vec![
             "--kernel".to_string(),
@@ -580,7 +613,10 @@ impl Bed {
             "--cpus".into(),
             format!("boot={}", s.cpus),
             "--memory".into(),
-            format!("size={}M", s.mem_mib),
+            // Prefaulted RAM: L2 then takes no nested page faults for RAM,
+            // and the bed's emulated SVM loses far fewer L2s to triple
+            // faults (see integration/src/memory.rs).
+            format!("size={}M,prefault=on", s.mem_mib),
         ];
         if !disks.is_empty() {
             a.push("--disk".into());
@@ -652,14 +688,39 @@ impl Bed {
             };
             let args = self.vmm_args(s, kernel, "/l2/initrd.cpio", &disk_args);
             let quoted: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
-            let secs = s.timeout.as_secs().saturating_sub(15).max(10);
-            script.push_str(&format!(
-                "echo \"L1-VMM start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
-                 timeout -s KILL {secs} /vmm/vmm {}\n\
-                 rc=$?\n\
-                 echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
-                quoted.join(" ")
-            ));
+            let env: String = vmm_extra_env()
+                .iter()
+                .map(|(k, v)| format!("{k}={} ", sh_quote(v)))
+                .collect();
+            // SIGTERM first: the VMM then says where the guest's vCPUs
+            // are before it exits (status 143); SIGKILL 5 s later.
+            let vmm = |secs: u64| {
+                format!(
+                    "{env}timeout -s TERM -k 5 {secs} /vmm/vmm {}",
+                    quoted.join(" ")
+                )
+            };
+            if s.repeat > 1 {
+                script.push_str(&format!(
+                    "for i in $(seq {}); do\n\
+                     echo \"L1-ITER start i=$i uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+                     {}\n\
+                     echo \"L1-ITER end i=$i vmm_exit=$? uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+                     done\n\
+                     echo \"L1-RESULT vmm_exit=0 uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
+                    s.repeat,
+                    vmm(s.run_timeout.as_secs().max(10))
+                ));
+            } else {
+                let secs = s.timeout.as_secs().saturating_sub(20).max(10);
+                script.push_str(&format!(
+                    "echo \"L1-VMM start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+                     {}\n\
+                     rc=$?\n\
+                     echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
+                    vmm(secs)
+                ));
+            }
             let initrd = work.join("l1-initrd.cpio");
             build_l1_initrd(&self.images.l1_initrd, &initrd, &self.vmm, &script)?;
             run_qemu(
@@ -710,6 +771,7 @@ impl Bed {
                 .arg("10")
                 .arg(&self.vmm)
                 .args(&args)
+                .envs(vmm_extra_env())
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -858,6 +920,113 @@ fn wait_timeout(
     }
 }
 
+/// QEMU CPU time (user + system) of process `pid`, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// How long QEMU may use (almost) no CPU before L1 counts as frozen: a
+/// live L1 runs timer ticks and the VMM's guest, a frozen one (every
+/// vCPU halted, no timer armed: seen on this bed after an L2 stall) uses
+/// none at all.
+pub const L1_FREEZE_AFTER: Duration = Duration::from_secs(30);
+
+/// Asks QEMU's human monitor at `socket` for each command's output.
+fn monitor_query(socket: &Path, commands: &[&str]) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("monitor: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let read_prompt = |s: &mut UnixStream| -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"(qemu) ") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    read_prompt(&mut s);
+    let mut text = String::new();
+    for c in commands {
+        writeln!(s, "{c}").map_err(|e| format!("monitor: {e}"))?;
+        // The first line is the monitor's echo of the command (with
+        // cursor movements), the last its next prompt.
+        let out = read_prompt(&mut s);
+        let body = out.split_once('\n').map_or("", |(_, b)| b);
+        text.push_str(&format!("> {c}\n{}", body.trim_end_matches("(qemu) ")));
+    }
+    Ok(text)
+}
+
+/// Waits for QEMU like [`wait_timeout`], and also ends a run whose L1
+/// froze (no CPU used for [`L1_FREEZE_AFTER`]) early, after appending the
+/// monitor's view of the vCPUs (`QEMU-MONITOR` lines) to the serial log.
+fn wait_qemu(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    monitor: &Path,
+    log: &Path,
+) -> Result<(Option<std::process::ExitStatus>, bool), String> {
+    let t = Instant::now();
+    let mut last = (Instant::now(), cpu_time(child.id()));
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok((Some(st), false));
+        }
+        let now = Instant::now();
+        let cpu = cpu_time(child.id());
+        let frozen = match (last.1, cpu) {
+            (Some(a), Some(b)) if b.saturating_sub(a) > Duration::from_millis(10) => {
+                last = (now, cpu);
+                false
+            }
+            (Some(_), Some(_)) => now.duration_since(last.0) >= L1_FREEZE_AFTER,
+            _ => false,
+        };
+        if frozen || t.elapsed() > timeout {
+            let why = if frozen {
+                format!(
+                    "QEMU used no CPU for {}s: L1 froze",
+                    L1_FREEZE_AFTER.as_secs()
+                )
+            } else {
+                "hard timeout".to_string()
+            };
+            let report = monitor_query(
+                monitor,
+                &[
+                    "info cpus",
+                    "info registers -a",
+                    "info lapic 0",
+                    "info lapic 1",
+                ],
+            )
+            .unwrap_or_else(|e| e);
+            if let Ok(mut f) = fs::OpenOptions::new().append(true).open(log) {
+                let _ = writeln!(f, "\nBED-STOP {why}");
+                for l in report.lines() {
+                    let _ = writeln!(f, "QEMU-MONITOR {}", l.trim_end());
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok((None, true));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// TCG threading for the outer QEMU: `multi` (default) or `single`
 /// (`VIRTIO_IOMMU_TEST_TCG_THREAD`). Measured here: with `single`, L2 hung
 /// in most runs; with `multi`, L1's kernel oopsed once in about 20 boots on
@@ -883,6 +1052,8 @@ fn run_qemu(
     let err_path = log.with_extension("qemu-stderr");
     let err =
         fs::File::create(&err_path).map_err(|e| format!("create {}: {e}", err_path.display()))?;
+    let monitor = log.with_extension("mon");
+    let _ = fs::remove_file(&monitor);
     let t = Instant::now();
     let mut child = Command::new("nice")
         .arg("-n")
@@ -902,10 +1073,10 @@ fn run_qemu(
             "-nodefaults",
             "-display",
             "none",
-            "-monitor",
-            "none",
             "-no-reboot",
         ])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .arg("-kernel")
@@ -913,14 +1084,17 @@ fn run_qemu(
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg("console=ttyS0 panic=-1 quiet")
+        // One CPU until L1's init has set KVM's static keys (see the
+        // init script in ci/guest-image); it brings the others online.
+        .arg("console=ttyS0 panic=-1 quiet maxcpus=1")
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err)
         .spawn()
         .map_err(|e| format!("spawn {}: {e}", qemu.display()))?;
-    let (status, timed_out) = wait_timeout(&mut child, timeout)?;
+    let (status, timed_out) = wait_qemu(&mut child, timeout, &monitor, log)?;
+    let _ = fs::remove_file(&monitor);
     let elapsed = t.elapsed();
     let lines = read_lines(log);
     if let Some(st) = status {
@@ -1036,6 +1210,19 @@ pub fn assert_agent_pass(out: &Outcome, scenario: &str) -> AgentResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_time_of_this_process_grows() {
+        let a = cpu_time(std::process::id()).expect("own /proc stat");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let b = cpu_time(std::process::id()).unwrap();
+        assert!(b > a, "{a:?} -> {b:?}");
+        assert!(cpu_time(u32::MAX).is_none());
+    }
+
     use super::*;
 
     #[test]
@@ -1100,6 +1287,7 @@ mod tests {
         ]);
         assert!(died.l2_lost("churn"));
         assert!(mk(&["AGENT-START scenario=churn", "L1-RESULT vmm_exit=137"]).l2_lost("churn"));
+        assert!(mk(&["AGENT-START scenario=churn", "L1-RESULT vmm_exit=143"]).l2_lost("churn"));
         let done = mk(&[
             "AGENT-RESULT scenario=churn status=fail",
             "L1-RESULT vmm_exit=0",

@@ -1,5 +1,6 @@
 //! Bed self-test: L1 boots under QEMU TCG with an emulated SVM CPU, loads
-//! kvm-amd, and /dev/kvm can create a VM and a vCPU. Needs no VMM.
+//! kvm-amd, and /dev/kvm can create a VM and a vCPU; L1's init holds a VM
+//! and then brings its second CPU online. Needs no VMM.
 
 use guest_tests::{detect_route, report_timing, skip, Bed, Route};
 use std::time::Duration;
@@ -32,6 +33,11 @@ fn l1_kvm() {
         .agent_result("kvm-check")
         .unwrap_or_else(|| panic!("no kvm-check result; {}", out.describe()));
     assert_eq!(r.status, "pass", "{}; {}", r.line, out.describe());
+    assert!(
+        !out.lines_with("L1-CPUS online=0-1").is_empty(),
+        "L1 did not bring its second CPU online; {}",
+        out.describe()
+    );
     assert!(
         !out.lines_with("L1-INIT done").is_empty(),
         "L1 init did not finish; {}",
