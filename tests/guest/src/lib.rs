@@ -1177,6 +1177,44 @@ pub fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The command-line words of the bed's binaries (`guest-perf`,
+/// `guest-soak`): `--option VALUE` pairs and `key=value` words for the
+/// agent.
+pub struct CliWords<'a> {
+    it: std::slice::Iter<'a, String>,
+}
+
+impl<'a> CliWords<'a> {
+    pub fn new(args: &'a [String]) -> Self {
+        Self { it: args.iter() }
+    }
+
+    /// The next word: an option name, or an agent `key=value` word.
+    pub fn next_word(&mut self) -> Option<&'a str> {
+        self.it.next().map(String::as_str)
+    }
+
+    /// The value of option `name`.
+    pub fn value(&mut self, name: &str) -> Result<String, String> {
+        self.it
+            .next()
+            .cloned()
+            .ok_or_else(|| format!("{name} needs a value"))
+    }
+
+    /// The value of option `name`, as a number.
+    pub fn number(&mut self, name: &str) -> Result<u64, String> {
+        let s = self.value(name)?;
+        s.parse::<u64>()
+            .map_err(|_| format!("{name}: not a number: {s:?}"))
+    }
+
+    /// Whether `w` is a `key=value` word for the agent.
+    pub fn is_agent_param(w: &str) -> bool {
+        w.contains('=') && !w.starts_with('-')
+    }
+}
+
 /// Prints the timing line every guest test reports.
 pub fn report_timing(test: &str, out: &Outcome) {
     eprintln!(

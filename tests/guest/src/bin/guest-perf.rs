@@ -17,7 +17,7 @@
 //! (`VIRTIO_IOMMU_TEST_VMM`, `VIRTIO_IOMMU_TEST_ROUTE`, ...). Without images,
 //! VMM or QEMU it prints `SKIP: guest-perf: <reason>` and exits 0.
 
-use guest_tests::{report_timing, Bed, DiskSpec, Outcome, Scenario};
+use guest_tests::{report_timing, Bed, CliWords, DiskSpec, Outcome, Scenario};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -63,41 +63,30 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         quiet_cores: 0.3,
         params: Vec::new(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let num = |s: String, name: &str| -> Result<u64, String> {
-            s.parse::<u64>()
-                .map_err(|_| format!("{name}: not a number: {s:?}"))
-        };
-        match a.as_str() {
-            "--boots" => o.boots = num(val("--boots")?, "--boots")?.max(1) as usize,
-            "--cpus" => o.cpus = num(val("--cpus")?, "--cpus")?.max(1) as u32,
-            "--disk-mib" => o.disk_mib = num(val("--disk-mib")?, "--disk-mib")?.max(16),
-            "--timeout" => o.timeout = Duration::from_secs(num(val("--timeout")?, "--timeout")?),
+    let mut w = CliWords::new(args);
+    while let Some(a) = w.next_word() {
+        match a {
+            "--boots" => o.boots = w.number(a)?.max(1) as usize,
+            "--cpus" => o.cpus = w.number(a)?.max(1) as u32,
+            "--disk-mib" => o.disk_mib = w.number(a)?.max(16),
+            "--timeout" => o.timeout = Duration::from_secs(w.number(a)?),
             "--first" => {
-                o.first_on = match val("--first")?.as_str() {
+                o.first_on = match w.value(a)?.as_str() {
                     "on" => true,
                     "off" => false,
                     v => return Err(format!("--first: expected on or off, got {v:?}")),
                 }
             }
-            "--quiet-wait" => {
-                o.quiet_wait = Duration::from_secs(num(val("--quiet-wait")?, "--quiet-wait")?)
-            }
+            "--quiet-wait" => o.quiet_wait = Duration::from_secs(w.number(a)?),
             "--quiet-cores" => {
-                let v = val("--quiet-cores")?;
+                let v = w.value(a)?;
                 o.quiet_cores = v
                     .parse()
                     .map_err(|_| format!("--quiet-cores: not a number: {v:?}"))?
             }
             "-h" | "--help" => return Err(String::new()),
-            w if w.contains('=') && !w.starts_with('-') => o.params.push(w.to_string()),
-            w => return Err(format!("unknown argument {w:?}")),
+            p if CliWords::is_agent_param(p) => o.params.push(p.to_string()),
+            p => return Err(format!("unknown argument {p:?}")),
         }
     }
     Ok(o)

@@ -17,7 +17,7 @@
 //! (the VMM's warnings: vCPU state, stalls), and a summary. Exit status 0
 //! unless the bed could not run at all.
 
-use guest_tests::{report_timing, Bed, DiskSpec, Scenario};
+use guest_tests::{report_timing, Bed, CliWords, DiskSpec, Scenario};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -59,29 +59,17 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         disks: Vec::new(),
         params: Vec::new(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let num = |s: String, name: &str| -> Result<u64, String> {
-            s.parse::<u64>()
-                .map_err(|_| format!("{name}: not a number: {s:?}"))
-        };
-        match a.as_str() {
-            "--runs" => o.runs = num(val("--runs")?, "--runs")?.clamp(1, 10_000) as u32,
-            "--scenario" => o.scenario = val("--scenario")?,
-            "--cpus" => o.cpus = num(val("--cpus")?, "--cpus")?.clamp(1, 8) as u32,
-            "--run-timeout" => {
-                o.run_timeout =
-                    Duration::from_secs(num(val("--run-timeout")?, "--run-timeout")?.max(10))
-            }
-            "--disk" => o.disks.push(parse_disk(&val("--disk")?)?),
+    let mut w = CliWords::new(args);
+    while let Some(a) = w.next_word() {
+        match a {
+            "--runs" => o.runs = w.number(a)?.clamp(1, 10_000) as u32,
+            "--scenario" => o.scenario = w.value(a)?,
+            "--cpus" => o.cpus = w.number(a)?.clamp(1, 8) as u32,
+            "--run-timeout" => o.run_timeout = Duration::from_secs(w.number(a)?.max(10)),
+            "--disk" => o.disks.push(parse_disk(&w.value(a)?)?),
             "-h" | "--help" => return Err(String::new()),
-            w if w.contains('=') && !w.starts_with('-') => o.params.push(w.to_string()),
-            w => return Err(format!("unknown argument {w:?}")),
+            p if CliWords::is_agent_param(p) => o.params.push(p.to_string()),
+            p => return Err(format!("unknown argument {p:?}")),
         }
     }
     Ok(o)
