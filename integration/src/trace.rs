@@ -57,6 +57,11 @@ fn buffer() -> Option<&'static Buffer> {
         .as_ref()
 }
 
+/// Whether events are being recorded (to skip work that only feeds them).
+pub fn enabled() -> bool {
+    buffer().is_some()
+}
+
 /// Records `event` with `arg` (only the low 48 bits are kept).
 pub fn record(event: Event, arg: u64) {
     let Some(b) = buffer() else {

@@ -438,6 +438,9 @@ fn serve_requests(inner: &Mutex<Inner>, mem: &GuestMemoryMmap, window: &mut Poll
 /// Records how many MAPs and UNMAPs have completed so far.
 fn trace_served(inner: &Mutex<Inner>) {
     use virtio_iommu::Status;
+    if !crate::trace::enabled() {
+        return;
+    }
     const MAP: u8 = 3;
     const UNMAP: u8 = 4;
     let m = lock(inner).dev.metrics();
