@@ -1,10 +1,13 @@
 //! A timestamped event trace for latency work on the device paths.
 //!
 //! Off unless the environment variable `VMM_TRACE=N` asks for up to N
-//! events; then every [`record`] costs one clock read and three relaxed
-//! atomic stores, and [`dump`] prints the events (`TRACE <ns> <event>
-//! <arg>`) to stderr when the VM stops. Nothing is printed while the guest
-//! runs, so the trace does not itself add guest exits or console output.
+//! events; then every [`record`] costs a clock read, a `sched_getcpu` and
+//! four relaxed atomic stores, and [`dump`] prints the events (`TRACE <ns>
+//! <event> <arg> <cpu>`) to stderr when the VM stops, followed by one
+//! `THREAD` line per VMM thread with its scheduling statistics (time on a
+//! CPU and waiting for one, context switches). Nothing is printed while
+//! the guest runs, so the trace does not itself add guest exits or console
+//! output.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -36,7 +39,7 @@ pub enum Event {
 
 struct Buffer {
     start: Instant,
-    slots: Box<[[AtomicU64; 2]]>,
+    slots: Box<[[AtomicU64; 3]]>,
     next: AtomicUsize,
 }
 
@@ -49,7 +52,7 @@ fn buffer() -> Option<&'static Buffer> {
             (n > 0).then(|| Buffer {
                 start: Instant::now(),
                 slots: (0..n)
-                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)])
                     .collect(),
                 next: AtomicUsize::new(0),
             })
@@ -77,6 +80,9 @@ pub fn record(event: Event, arg: u64) {
         ((event as u64) << 48) | (arg & 0xffff_ffff_ffff),
         Ordering::Relaxed,
     );
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    slot[2].store(cpu as u64, Ordering::Relaxed);
 }
 
 /// Prints the recorded events to stderr (nothing when tracing is off).
@@ -89,11 +95,76 @@ pub fn dump() {
     for s in &b.slots[..n] {
         let v = s[1].load(Ordering::Relaxed);
         out.push_str(&format!(
-            "TRACE {} {} {:#x}\n",
+            "TRACE {} {} {:#x} {}\n",
             s[0].load(Ordering::Relaxed),
             v >> 48,
-            v & 0xffff_ffff_ffff
+            v & 0xffff_ffff_ffff,
+            s[2].load(Ordering::Relaxed)
         ));
     }
+    out.push_str(&thread_stats());
     eprint!("{out}");
+}
+
+static THREAD_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the calling thread's scheduling statistics (when tracing), for
+/// threads that end before the VM stops.
+pub fn thread_exit() {
+    if !enabled() {
+        return;
+    }
+    let line = thread_line(std::path::Path::new("/proc/thread-self"));
+    THREAD_LINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(line);
+}
+
+/// One line per thread of this process: name, last CPU, time on CPU and
+/// waiting for one (schedstat), voluntary and forced context switches.
+fn thread_stats() -> String {
+    let mut out: String = THREAD_LINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .concat();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in dir.flatten() {
+        out.push_str(&thread_line(&t.path()));
+    }
+    out
+}
+
+fn thread_line(p: &std::path::Path) -> String {
+    let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+    let name = read("comm").trim().to_string();
+    let sched: Vec<u64> = read("schedstat")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let stat = read("stat");
+    // Fields after the parenthesised name; the CPU is field 39.
+    let cpu = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(36))
+        .unwrap_or("?")
+        .to_string();
+    let status = read("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "THREAD {name} cpu={cpu} run_us={} wait_us={} slices={} vcsw={} ivcsw={}\n",
+        sched.first().map_or(0, |v| v / 1000),
+        sched.get(1).map_or(0, |v| v / 1000),
+        sched.get(2).copied().unwrap_or(0),
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
 }

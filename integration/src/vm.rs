@@ -416,6 +416,7 @@ impl Vm {
                 .spawn(move || {
                     let exit =
                         vcpu_loop(id, &mut vcpu, &pio, &pci, (&states[id], &watches[id]), &mem);
+                    crate::trace::thread_exit();
                     let _ = tx.send(exit);
                     // Keep the fd open until the process exits.
                     std::mem::forget(vcpu);

@@ -805,7 +805,10 @@ impl Block {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("blk-worker{i}"))
-                    .spawn(move || worker_loop(run, rx))
+                    .spawn(move || {
+                        worker_loop(run, rx);
+                        crate::trace::thread_exit();
+                    })
                     .map_err(err)?,
             );
         }
@@ -813,7 +816,10 @@ impl Block {
         threads.push(
             std::thread::Builder::new()
                 .name("blk-queue".into())
-                .spawn(move || queue_loop(run, notify, stop2, tx))
+                .spawn(move || {
+                    queue_loop(run, notify, stop2, tx);
+                    crate::trace::thread_exit();
+                })
                 .map_err(err)?,
         );
         self.threads = Some(Threads { stop, threads });

@@ -41,6 +41,10 @@ pub const KERNEL_FORMAT_ENV: &str = "VIRTIO_IOMMU_TEST_L2_KERNEL";
 /// words (e.g. `VMM_TRACE=200000` for the reference VMM's event trace).
 pub const VMM_EXTRA_ENV: &str = "VIRTIO_IOMMU_TEST_VMM_ENV";
 
+/// Extra arguments for the VMM under test, space-separated, appended to
+/// the bed's own (e.g. `--iommu poll_us=0` for the reference VMM).
+pub const VMM_EXTRA_ARGS: &str = "VIRTIO_IOMMU_TEST_VMM_ARGS";
+
 /// The `KEY=VALUE` pairs of [`VMM_EXTRA_ENV`].
 fn vmm_extra_env() -> Vec<(String, String)> {
     std::env::var(VMM_EXTRA_ENV)
@@ -623,6 +627,12 @@ impl Bed {
             a.extend(disks.iter().cloned());
         }
         a.extend(["--serial", "tty", "--console", "off"].map(String::from));
+        a.extend(
+            std::env::var(VMM_EXTRA_ARGS)
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from),
+        );
         a
     }
 
