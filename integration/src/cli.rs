@@ -50,8 +50,13 @@ pub struct Args {
     /// after its last activity instead of waiting for kicks; the window
     /// adapts between 50 µs and N to the guest's gaps between bursts (0:
     /// no polling, requests are served inline on the notifying vCPU).
-    /// Default 10000.
-    #[arg(long, value_name = "poll_us=N", default_value = "poll_us=10000")]
+    /// Default 10000. idle_poll=on|off: poll a quiet queue at SCHED_IDLE
+    /// priority (default on).
+    #[arg(
+        long,
+        value_name = "poll_us=N[,idle_poll=on|off]",
+        default_value = "poll_us=10000"
+    )]
     pub iommu: String,
     /// virtio-console: only "off" is supported.
     #[arg(long, value_name = "off", default_value = "off")]
@@ -114,6 +119,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// Upper bound of the virtio-iommu polling window (`--iommu poll_us=`).
     pub iommu_poll: std::time::Duration,
+    /// Poll a quiet queue at idle priority (`--iommu idle_poll=`).
+    pub iommu_idle_poll: bool,
 }
 
 /// `--memory` options.
@@ -285,10 +292,12 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-/// Parses `--iommu`: the polling window's upper bound.
-pub fn parse_iommu(s: &str) -> Result<std::time::Duration, ConfigError> {
+/// Parses `--iommu`: the polling window's upper bound and whether a quiet
+/// queue is polled at idle priority.
+pub fn parse_iommu(s: &str) -> Result<(std::time::Duration, bool), ConfigError> {
     let mut poll = crate::virtio::iommu::DEFAULT_POLL;
-    for (k, v) in split_kv("iommu", s, &["poll_us"])? {
+    let mut idle_poll = true;
+    for (k, v) in split_kv("iommu", s, &["poll_us", "idle_poll"])? {
         match k {
             "poll_us" => {
                 let us: u64 = v
@@ -298,10 +307,17 @@ pub fn parse_iommu(s: &str) -> Result<std::time::Duration, ConfigError> {
                     .ok_or_else(|| invalid("iommu", format!("poll_us={v:?}: 0..=1000000")))?;
                 poll = std::time::Duration::from_micros(us);
             }
+            "idle_poll" => {
+                idle_poll = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(invalid("iommu", format!("idle_poll={v:?}: on or off"))),
+                }
+            }
             _ => unreachable!("split_kv checked the key"),
         }
     }
-    Ok(poll)
+    Ok((poll, idle_poll))
 }
 
 /// Parses `--serial`.
@@ -346,6 +362,7 @@ impl VmConfig {
             return Err(invalid("cmdline", "contains a NUL byte"));
         }
         let memory = parse_memory(&args.memory)?;
+        let (iommu_poll, iommu_idle_poll) = parse_iommu(&args.iommu)?;
         Ok(VmConfig {
             kernel: args.kernel.clone(),
             initramfs: args.initramfs.clone(),
@@ -359,7 +376,8 @@ impl VmConfig {
                 .map(|d| parse_disk(d))
                 .collect::<Result<_, _>>()?,
             serial: parse_serial(&args.serial)?,
-            iommu_poll: parse_iommu(&args.iommu)?,
+            iommu_poll,
+            iommu_idle_poll,
         })
     }
 
@@ -450,8 +468,16 @@ mod tests {
     #[test]
     fn iommu_poll_window() {
         use std::time::Duration;
-        assert_eq!(parse_iommu("poll_us=0"), Ok(Duration::ZERO));
-        assert_eq!(parse_iommu("poll_us=500"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_iommu("poll_us=0"), Ok((Duration::ZERO, true)));
+        assert_eq!(
+            parse_iommu("poll_us=500"),
+            Ok((Duration::from_micros(500), true))
+        );
+        assert_eq!(
+            parse_iommu("poll_us=500,idle_poll=off"),
+            Ok((Duration::from_micros(500), false))
+        );
+        assert!(parse_iommu("idle_poll=maybe").is_err());
         assert!(parse_iommu("poll_us=-1").is_err());
         assert!(parse_iommu("poll_us=2000000").is_err());
         assert!(parse_iommu("spin=1").is_err());

@@ -228,6 +228,7 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             cfg.iommu_poll,
         )
         .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
+        iommu.set_idle_poll(cfg.iommu_idle_poll);
         let mut endpoints = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             if d.iommu {

@@ -15,8 +15,8 @@
 //!   MAPs before a DMA and the UNMAPs after it: most requests then cost
 //!   neither a VM exit nor a thread wake-up. After 50 µs without a
 //!   request the thread polls at idle scheduling priority
-//!   ([`PollPriority`]), so that the block I/O and the vCPU it is waiting
-//!   for never queue behind it. The price is up to one otherwise idle host
+//!   ([`IdlePoller`], with a watchdog against starvation), so that the
+//!   block I/O and the vCPU it is waiting for never queue behind it. The price is up to one otherwise idle host
 //!   CPU busy for the window after each burst; `--iommu poll_us=0` turns
 //!   polling off.
 //! - **Inline** (`poll` = 0): the notify write exits to the vCPU thread that
@@ -39,6 +39,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::idle_poll::IdlePoller;
 use super::{ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrupt};
 
 /// Virtio device type of the IOMMU.
@@ -144,6 +145,7 @@ pub struct Iommu {
     inner: Arc<Mutex<Inner>>,
     metrics: Arc<Metrics>,
     poll: Duration,
+    idle_poll: bool,
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -176,6 +178,7 @@ impl Iommu {
             })),
             metrics,
             poll,
+            idle_poll: true,
             stop: None,
             thread: None,
         })
@@ -188,6 +191,12 @@ impl Iommu {
             .dev
             .add_endpoint(id)
             .map_err(|e| format!("endpoint {id:#x}: {e}"))
+    }
+
+    /// Whether a quiet request queue is polled at idle priority (default
+    /// on; see [`IdlePoller`]). Takes effect at the next activation.
+    pub fn set_idle_poll(&mut self, on: bool) {
+        self.idle_poll = on;
     }
 
     /// The device's counters.
@@ -248,6 +257,12 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
         }
     }
     let mut events = [EpollEvent::default(); 5];
+    // Created here: it manages the calling (this) thread's priority.
+    let mut idle = if kicks.window.enabled() && kicks.idle_poll {
+        IdlePoller::new()
+    } else {
+        IdlePoller::disabled()
+    };
     // The parked drain whose holders were already asked to revoke: wait
     // for their release without spinning, and report if it takes long.
     let mut revoked: Option<(*const virtio_iommu::Drain, Instant)> = None;
@@ -303,7 +318,7 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
             }
         }
         if serve {
-            serve_requests(&inner, &mem, &mut kicks.window, &mut kicks.priority);
+            serve_requests(&inner, &mem, &mut kicks.window, &mut idle);
         }
         let mut g = lock(&inner);
         let now = Instant::now();
@@ -330,13 +345,13 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
     }
 }
 
-/// The device thread's kick eventfds (polling mode), polling window and
-/// scheduling priority.
+/// The device thread's kick eventfds (polling mode) and polling window.
 struct Kicks {
     requests: Option<EventFd>,
     events: Option<EventFd>,
     window: PollWindow,
-    priority: PollPriority,
+    /// Poll a quiet queue at idle priority.
+    idle_poll: bool,
 }
 
 /// How long the device thread keeps polling the request ring after its
@@ -414,7 +429,7 @@ impl PollWindow {
 /// after it the drain eventfd takes over).
 ///
 /// Once the queue has been quiet for [`PollWindow::MIN`], the rest of the
-/// window is polled at idle scheduling priority ([`PollPriority`]): a
+/// window is polled at idle scheduling priority ([`IdlePoller`]): a
 /// strict-mode guest's long gap is the block I/O it just started, and the
 /// threads doing that I/O and taking its interrupt must not wait behind
 /// (or be placed away from) a thread that is only spinning in case a
@@ -423,7 +438,7 @@ fn serve_requests(
     inner: &Mutex<Inner>,
     mem: &GuestMemoryMmap,
     window: &mut PollWindow,
-    priority: &mut PollPriority,
+    idle: &mut IdlePoller,
 ) {
     if !window.enabled() {
         lock(inner).run_requests(mem);
@@ -436,6 +451,7 @@ fn serve_requests(
         let now = Instant::now();
         if served {
             trace_served(inner);
+            idle.served();
             last_activity = now;
         } else {
             let quiet = now.duration_since(last_activity);
@@ -447,133 +463,18 @@ fn serve_requests(
                     window.slept(now);
                     // Sleep and wake at normal priority: the wake-up after a
                     // kick is the one the guest is spinning for.
-                    priority.set_idle(false);
+                    idle.leave_idle();
                     return;
                 }
                 lock(inner).request_kicks(mem, false);
                 last_activity = now;
             } else if quiet >= PollWindow::MIN {
-                priority.set_idle(true);
+                idle.enter_idle();
             }
         }
+        idle.beat();
         std::hint::spin_loop();
     }
-}
-
-/// The polling thread's scheduling policy: normal, or `SCHED_IDLE` while it
-/// polls an idle queue.
-///
-/// An idle-priority thread runs only on a CPU that has nothing else to run
-/// and is preempted at once when a normal thread wakes there; the
-/// scheduler also counts its CPU as idle when it places a waking thread.
-/// So a vCPU taking an interrupt or a block thread starting I/O never
-/// waits for the poller, while the poller still answers within
-/// microseconds whenever a CPU is otherwise idle, which is the only case
-/// in which polling pays. Switching costs a system call, at most two per
-/// polling window.
-///
-/// Linux lets a thread leave `SCHED_IDLE` only with `CAP_SYS_NICE` or an
-/// `RLIMIT_NICE` that would allow its nice value; without either, the
-/// thread would be stuck at idle priority (also for the wake-up after a
-/// kick), so it then polls at normal priority throughout.
-#[derive(Debug)]
-pub struct PollPriority {
-    idle: bool,
-    enabled: bool,
-}
-
-impl PollPriority {
-    /// The calling thread's switcher; idle-priority polling is enabled if
-    /// the thread could return from it.
-    pub fn new() -> Self {
-        let enabled = can_leave_sched_idle();
-        if !enabled {
-            log::info!(
-                "virtio-iommu: polling at normal priority (leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE)"
-            );
-        }
-        PollPriority {
-            idle: false,
-            enabled,
-        }
-    }
-
-    /// Whether the calling thread currently polls at idle priority.
-    pub fn is_idle(&self) -> bool {
-        self.idle
-    }
-
-    /// Whether idle-priority polling is used at all.
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// Moves the calling thread to `SCHED_IDLE` (`idle`) or back to
-    /// `SCHED_OTHER`. After a failure (e.g. a seccomp filter) the thread
-    /// stays where it is and polling goes on at that priority.
-    pub fn set_idle(&mut self, idle: bool) {
-        if self.idle == idle || !self.enabled {
-            return;
-        }
-        let policy = if idle {
-            libc::SCHED_IDLE
-        } else {
-            libc::SCHED_OTHER
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `param` is a valid sched_param for both policies (whose
-        // only allowed priority is 0); pid 0 is the calling thread.
-        let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
-        if r == 0 {
-            self.idle = idle;
-        } else {
-            self.enabled = false;
-            log::warn!(
-                "virtio-iommu: sched_setscheduler: {}; polling at {} priority from now on",
-                std::io::Error::last_os_error(),
-                if self.idle { "idle" } else { "normal" }
-            );
-        }
-    }
-}
-
-impl Default for PollPriority {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Whether the calling thread may switch from `SCHED_IDLE` back to
-/// `SCHED_OTHER`: it has `CAP_SYS_NICE`, or `RLIMIT_NICE` permits its nice
-/// value (the kernel's `can_nice`: `20 - nice <= RLIMIT_NICE`).
-fn can_leave_sched_idle() -> bool {
-    const CAP_SYS_NICE: u32 = 23;
-    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    if cap_eff & (1 << CAP_SYS_NICE) != 0 {
-        return true;
-    }
-    // The nice value is field 19 of stat, the 17th after the name.
-    let nice: i64 = std::fs::read_to_string("/proc/thread-self/stat")
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(16)?.parse().ok())
-        })
-        .unwrap_or(0);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 {
-        return false;
-    }
-    lim.rlim_cur == libc::RLIM_INFINITY || (20 - nice) as u64 <= lim.rlim_cur
 }
 
 /// Records how many MAPs and UNMAPs have completed so far.
@@ -639,7 +540,7 @@ impl VirtioDevice for Iommu {
             requests: None,
             events: None,
             window: PollWindow::new(self.poll),
-            priority: PollPriority::new(),
+            idle_poll: self.idle_poll,
         };
         {
             let mut g = lock(&self.inner);
@@ -715,36 +616,6 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
-
-    /// The calling thread's scheduling policy.
-    fn policy() -> i32 {
-        // SAFETY: no preconditions; pid 0 is the calling thread.
-        unsafe { libc::sched_getscheduler(0) }
-    }
-
-    #[test]
-    fn poll_priority_moves_the_thread_to_idle_and_back() {
-        // A thread of its own: the policy must not leak into other tests.
-        std::thread::spawn(|| {
-            assert_eq!(policy(), libc::SCHED_OTHER);
-            let mut p = PollPriority::new();
-            if !p.enabled() {
-                eprintln!("SKIP: no CAP_SYS_NICE or RLIMIT_NICE: SCHED_IDLE polling is off");
-                return;
-            }
-            p.set_idle(true);
-            assert!(p.is_idle());
-            assert_eq!(policy(), libc::SCHED_IDLE);
-            // Idempotent: no second switch.
-            p.set_idle(true);
-            assert_eq!(policy(), libc::SCHED_IDLE);
-            p.set_idle(false);
-            assert!(!p.is_idle());
-            assert_eq!(policy(), libc::SCHED_OTHER);
-        })
-        .join()
-        .unwrap();
-    }
 
     #[test]
     fn window_grows_to_cover_a_gap_it_missed() {

@@ -12,6 +12,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+pub mod idle_poll;
 pub mod iommu;
 pub mod pci;
 

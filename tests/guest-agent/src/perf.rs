@@ -11,6 +11,11 @@
 //! Result: `iommu=on|off group=<IOMMU group type|none> init_ms=<uptime at
 //! agent start> <metric>_us=<mean> <metric>_med_us=<median> <metric>_n=<ops>`
 //! for `read4k`, `read256k`, `write4k`.
+//!
+//! Paired (`pair=<id>`): a second disk, which must be outside the IOMMU,
+//! takes every other operation with the same offsets, so that one boot
+//! measures both sides under the same conditions; its fields carry an
+//! `off_` prefix (`off_read4k_us=...`).
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -100,16 +105,24 @@ pub fn random_offset(rng: &mut Rng, size: u64, len: u64) -> u64 {
     RESERVED_BYTES + rng.below(slots) * len
 }
 
-struct Phase<'a> {
+/// A disk under measurement.
+struct Target<'a> {
     f: &'a fs::File,
     dev: &'a str,
     size: u64,
+}
+
+struct Phase<'a> {
+    targets: Vec<Target<'a>>,
     warmup: u64,
     budget: Duration,
 }
 
 impl Phase<'_> {
-    fn run(&self, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Lat> {
+    /// Runs `warmup + n` operations on every target, round-robin, each
+    /// target drawing offsets from its own copy of `rng` (the same offsets
+    /// on every target); returns one latency set per target.
+    fn run(&self, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Vec<Lat>> {
         let mut buf = Aligned::new(len);
         if op == Op::Write {
             // Non-zero data, so the backing file really gets written.
@@ -117,31 +130,35 @@ impl Phase<'_> {
                 *b = (i as u8) ^ 0x5a;
             }
         }
-        let mut lat = Lat::default();
+        let mut rngs: Vec<Rng> = self.targets.iter().map(|_| rng.clone()).collect();
+        let mut lats: Vec<Lat> = self.targets.iter().map(|_| Lat::default()).collect();
         let start = Instant::now();
-        for i in 0..self.warmup + n {
-            let off = random_offset(rng, self.size, len as u64);
-            let b = buf.as_mut();
-            let t = Instant::now();
-            let r = match op {
-                Op::Read => self.f.read_exact_at(b, off),
-                Op::Write => self.f.write_all_at(b, off),
-            };
-            let d = t.elapsed();
-            r.map_err(|e| {
-                format!(
-                    "O_DIRECT {op:?} of {len} bytes at {off} on /dev/{}: {e}",
-                    self.dev
-                )
-            })?;
-            if i >= self.warmup {
-                lat.push(d);
-                if start.elapsed() > self.budget {
-                    break;
+        'ops: for i in 0..self.warmup + n {
+            for (k, t) in self.targets.iter().enumerate() {
+                let off = random_offset(&mut rngs[k], t.size, len as u64);
+                let b = buf.as_mut();
+                let at = Instant::now();
+                let r = match op {
+                    Op::Read => t.f.read_exact_at(b, off),
+                    Op::Write => t.f.write_all_at(b, off),
+                };
+                let d = at.elapsed();
+                r.map_err(|e| {
+                    format!(
+                        "O_DIRECT {op:?} of {len} bytes at {off} on /dev/{}: {e}",
+                        t.dev
+                    )
+                })?;
+                if i >= self.warmup {
+                    lats[k].push(d);
                 }
             }
+            if i >= self.warmup && start.elapsed() > self.budget {
+                break 'ops;
+            }
         }
-        Ok(lat)
+        *rng = rngs.swap_remove(0);
+        Ok(lats)
     }
 }
 
@@ -167,11 +184,44 @@ pub fn perf(p: &Params) -> Res<String> {
             disk.name, disk.size
         ));
     }
+    let pair = match p.get("pair") {
+        Some(id) => {
+            let d = disks::pick(&all, Some(id), false)?;
+            if d.iommu_on || disks::group_type(&d.bdf).is_some() {
+                return Err(format!(
+                    "pair disk /dev/{} must be outside the IOMMU (label iommu={}, group {:?})",
+                    d.name,
+                    if d.iommu_on { "on" } else { "off" },
+                    disks::group_type(&d.bdf)
+                ));
+            }
+            if d.size < disk.size {
+                return Err(format!(
+                    "pair disk /dev/{} smaller than /dev/{}",
+                    d.name, disk.name
+                ));
+            }
+            Some(d)
+        }
+        None => None,
+    };
     let f = disk.open_direct()?;
-    let ph = Phase {
+    let pf = pair.as_ref().map(|d| d.open_direct()).transpose()?;
+    let mut targets = vec![Target {
         f: &f,
         dev: &disk.name,
         size: disk.size,
+    }];
+    if let (Some(d), Some(pf)) = (&pair, &pf) {
+        // The same offset range on both disks.
+        targets.push(Target {
+            f: pf,
+            dev: &d.name,
+            size: disk.size,
+        });
+    }
+    let ph = Phase {
+        targets,
         warmup: p.num("warmup", 16),
         budget: Duration::from_secs(p.num("max_s", 60)),
     };
@@ -183,13 +233,23 @@ pub fn perf(p: &Params) -> Res<String> {
     let r256 = ph.run(Op::Read, 256 << 10, p.num("n256k", 100), &mut rng)?;
     phase("perf: write4k", 0);
     let w4 = ph.run(Op::Write, PAGE, p.num("nw4k", 500), &mut rng)?;
+    let fields = |k: usize, prefix: &str| {
+        format!(
+            "{} {} {}",
+            r4[k].fields(&format!("{prefix}read4k")),
+            r256[k].fields(&format!("{prefix}read256k")),
+            w4[k].fields(&format!("{prefix}write4k"))
+        )
+    };
+    let paired = match &pair {
+        Some(d) => format!(" pair={} {}", d.name, fields(1, "off_")),
+        None => String::new(),
+    };
     Ok(format!(
-        "iommu={} group={shown} disk={} init_ms={init_ms} {} {} {} secs={:.2}",
+        "iommu={} group={shown} disk={} init_ms={init_ms} {}{paired} secs={:.2}",
         if disk.iommu_on { "on" } else { "off" },
         disk.name,
-        r4.fields("read4k"),
-        r256.fields("read256k"),
-        w4.fields("write4k"),
+        fields(0, ""),
         t.elapsed().as_secs_f64()
     ))
 }

@@ -22,6 +22,7 @@ const DATA_IOVA: u64 = 0x8000_0000;
 const CANARY: u8 = 0xa5;
 
 /// splitmix64: small, good enough, no dependency.
+#[derive(Clone, Debug)]
 pub struct Rng(u64);
 
 impl Rng {
