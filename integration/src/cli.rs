@@ -51,7 +51,7 @@ pub struct Args {
     /// adapts between 50 µs and N to the guest's gaps between bursts (0:
     /// no polling, requests are served inline on the notifying vCPU).
     /// Default 10000. idle_poll=on|off: poll a quiet queue at SCHED_IDLE
-    /// priority (default on).
+    /// priority (default off).
     #[arg(
         long,
         value_name = "poll_us=N[,idle_poll=on|off]",
@@ -296,7 +296,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
 /// queue is polled at idle priority.
 pub fn parse_iommu(s: &str) -> Result<(std::time::Duration, bool), ConfigError> {
     let mut poll = crate::virtio::iommu::DEFAULT_POLL;
-    let mut idle_poll = true;
+    let mut idle_poll = false;
     for (k, v) in split_kv("iommu", s, &["poll_us", "idle_poll"])? {
         match k {
             "poll_us" => {
@@ -468,14 +468,14 @@ mod tests {
     #[test]
     fn iommu_poll_window() {
         use std::time::Duration;
-        assert_eq!(parse_iommu("poll_us=0"), Ok((Duration::ZERO, true)));
+        assert_eq!(parse_iommu("poll_us=0"), Ok((Duration::ZERO, false)));
         assert_eq!(
             parse_iommu("poll_us=500"),
-            Ok((Duration::from_micros(500), true))
+            Ok((Duration::from_micros(500), false))
         );
         assert_eq!(
-            parse_iommu("poll_us=500,idle_poll=off"),
-            Ok((Duration::from_micros(500), false))
+            parse_iommu("poll_us=500,idle_poll=on"),
+            Ok((Duration::from_micros(500), true))
         );
         assert!(parse_iommu("idle_poll=maybe").is_err());
         assert!(parse_iommu("poll_us=-1").is_err());

@@ -13,12 +13,12 @@
 //!   notifications back on and sleeps. The window adapts between 50 µs
 //!   and `poll` (see [`PollWindow`]) so that it spans the gap between the
 //!   MAPs before a DMA and the UNMAPs after it: most requests then cost
-//!   neither a VM exit nor a thread wake-up. After 50 µs without a
-//!   request the thread polls at idle scheduling priority
-//!   ([`IdlePoller`], with a watchdog against starvation), so that the
-//!   block I/O and the vCPU it is waiting for never queue behind it. The price is up to one otherwise idle host
+//!   neither a VM exit nor a thread wake-up. The price is up to one host
 //!   CPU busy for the window after each burst; `--iommu poll_us=0` turns
-//!   polling off.
+//!   polling off. Optionally ([`Iommu::set_idle_poll`]), after 50 µs
+//!   without a request the thread polls at idle scheduling priority
+//!   ([`IdlePoller`], with a watchdog against starvation), so that other
+//!   threads never queue behind it.
 //! - **Inline** (`poll` = 0): the notify write exits to the vCPU thread that
 //!   made it ([`NotifyMode::Inline`]), which runs the queue right there.
 //!
@@ -178,7 +178,7 @@ impl Iommu {
             })),
             metrics,
             poll,
-            idle_poll: true,
+            idle_poll: false,
             stop: None,
             thread: None,
         })
@@ -194,7 +194,7 @@ impl Iommu {
     }
 
     /// Whether a quiet request queue is polled at idle priority (default
-    /// on; see [`IdlePoller`]). Takes effect at the next activation.
+    /// off; see [`IdlePoller`]). Takes effect at the next activation.
     pub fn set_idle_poll(&mut self, on: bool) {
         self.idle_poll = on;
     }
@@ -428,12 +428,12 @@ impl PollWindow {
 /// window (a parked request counts as activity only within the window:
 /// after it the drain eventfd takes over).
 ///
-/// Once the queue has been quiet for [`PollWindow::MIN`], the rest of the
-/// window is polled at idle scheduling priority ([`IdlePoller`]): a
-/// strict-mode guest's long gap is the block I/O it just started, and the
-/// threads doing that I/O and taking its interrupt must not wait behind
-/// (or be placed away from) a thread that is only spinning in case a
-/// request comes.
+/// With idle-priority polling on, once the queue has been quiet for
+/// [`PollWindow::MIN`] the rest of the window is polled at idle
+/// scheduling priority ([`IdlePoller`]): a strict-mode guest's long gap is
+/// the block I/O it just started, and the threads doing that I/O and
+/// taking its interrupt should not wait behind a thread that is only
+/// spinning in case a request comes.
 fn serve_requests(
     inner: &Mutex<Inner>,
     mem: &GuestMemoryMmap,
