@@ -307,13 +307,7 @@ pub fn parse_iommu(s: &str) -> Result<(std::time::Duration, bool), ConfigError> 
                     .ok_or_else(|| invalid("iommu", format!("poll_us={v:?}: 0..=1000000")))?;
                 poll = std::time::Duration::from_micros(us);
             }
-            "idle_poll" => {
-                idle_poll = match v {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(invalid("iommu", format!("idle_poll={v:?}: on or off"))),
-                }
-            }
+            "idle_poll" => idle_poll = parse_on_off("iommu", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
     }
