@@ -26,7 +26,7 @@
 //! `RLIMIT_NICE` that allows its nice value; without either the poller
 //! could never come back, so it then polls at normal priority throughout.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,11 +47,24 @@ struct Shared {
     /// Poll loop iterations, the poller's heartbeat.
     beats: AtomicU64,
     /// The poller's thread ID.
-    tid: AtomicI32,
+    tid: i32,
     /// Times the watchdog had to step in.
     boosts: AtomicU64,
     stop: Mutex<bool>,
     wake: Condvar,
+}
+
+impl Shared {
+    fn new(tid: i32) -> Arc<Self> {
+        Arc::new(Shared {
+            state: AtomicU8::new(NORMAL),
+            beats: AtomicU64::new(0),
+            tid,
+            boosts: AtomicU64::new(0),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        })
+    }
 }
 
 /// The polling thread's side: switches the calling thread between normal
@@ -84,15 +97,7 @@ impl IdlePoller {
     /// `SCHED_IDLE`; otherwise every call is a no-op.
     pub fn new() -> Self {
         // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let shared = Arc::new(Shared {
-            state: AtomicU8::new(NORMAL),
-            beats: AtomicU64::new(0),
-            tid: AtomicI32::new(tid),
-            boosts: AtomicU64::new(0),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-        });
+        let shared = Shared::new(unsafe { libc::gettid() });
         let mut enabled = can_leave_sched_idle();
         let mut watchdog = None;
         if enabled {
@@ -125,14 +130,7 @@ impl IdlePoller {
     /// poll): no watchdog thread.
     pub fn disabled() -> Self {
         IdlePoller {
-            shared: Arc::new(Shared {
-                state: AtomicU8::new(NORMAL),
-                beats: AtomicU64::new(0),
-                tid: AtomicI32::new(0),
-                boosts: AtomicU64::new(0),
-                stop: Mutex::new(false),
-                wake: Condvar::new(),
-            }),
+            shared: Shared::new(0),
             enabled: false,
             watchdog: None,
         }
@@ -153,9 +151,12 @@ impl IdlePoller {
         self.shared.boosts.load(Ordering::Relaxed)
     }
 
-    /// One iteration of the poll loop: the heartbeat the watchdog checks.
+    /// One iteration of the poll loop: the heartbeat the watchdog checks
+    /// (nothing to count without one).
     pub fn beat(&self) {
-        self.shared.beats.fetch_add(1, Ordering::Relaxed);
+        if self.enabled {
+            self.shared.beats.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The poller served requests. After the watchdog stepped in, this is
@@ -261,7 +262,7 @@ fn watch(s: &Shared) {
             continue;
         }
         // Policy first: BOOSTED must imply normal priority.
-        if let Err(e) = set_policy(s.tid.load(Ordering::Relaxed), false) {
+        if let Err(e) = set_policy(s.tid, false) {
             log::warn!("virtio-iommu: watchdog: sched_setscheduler: {e}");
         }
         if s.state
