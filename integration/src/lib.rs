@@ -15,6 +15,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod procfs;
 pub mod rtc;
 pub mod trace;
 pub mod virtio;

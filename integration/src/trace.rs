@@ -145,26 +145,33 @@ fn thread_line(p: &std::path::Path) -> String {
         .filter_map(|w| w.parse().ok())
         .collect();
     let stat = read("stat");
-    // Fields after the parenthesised name; the CPU is field 39.
-    let cpu = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(36))
-        .unwrap_or("?")
-        .to_string();
+    let cpu = crate::procfs::stat_field(&stat, 39).unwrap_or("?");
     let status = read("status");
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    let field = |k| crate::procfs::status_field(&status, k).unwrap_or("");
     format!(
         "THREAD {name} cpu={cpu} run_us={} wait_us={} slices={} vcsw={} ivcsw={}\n",
         sched.first().map_or(0, |v| v / 1000),
         sched.get(1).map_or(0, |v| v / 1000),
         sched.get(2).copied().unwrap_or(0),
-        field("voluntary_ctxt_switches:"),
-        field("nonvoluntary_ctxt_switches:"),
+        field("voluntary_ctxt_switches"),
+        field("nonvoluntary_ctxt_switches"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thread_line_reports_the_calling_thread() {
+        let line = super::thread_line(std::path::Path::new("/proc/thread-self"));
+        let kv = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .to_string()
+        };
+        assert!(line.starts_with("THREAD "), "{line}");
+        for k in ["cpu=", "run_us=", "wait_us=", "slices=", "vcsw=", "ivcsw="] {
+            assert!(kv(k).parse::<u64>().is_ok(), "{k} in {line:?}");
+        }
+    }
 }

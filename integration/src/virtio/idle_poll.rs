@@ -280,21 +280,15 @@ fn watch(s: &Shared) {
 pub fn can_leave_sched_idle() -> bool {
     const CAP_SYS_NICE: u32 = 23;
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    let cap_eff = crate::procfs::status_field(&status, "CapEff")
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
         .unwrap_or(0);
     if cap_eff & (1 << CAP_SYS_NICE) != 0 {
         return true;
     }
-    // The nice value is field 19 of stat, the 17th after the name.
-    let nice: i64 = std::fs::read_to_string("/proc/thread-self/stat")
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(16)?.parse().ok())
-        })
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let nice: i64 = crate::procfs::stat_field(&stat, 19)
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
