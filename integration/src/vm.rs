@@ -650,10 +650,16 @@ pub fn read_guest_virt(mem: &GuestMemoryMmap, cr3: u64, va: u64, len: usize) -> 
         }
         Some(table | (va & 0xfff))
     };
+    // One walk per page touched, then the bytes within that page.
     let mut out = vec![0u8; len];
-    for (i, b) in out.iter_mut().enumerate() {
-        let gpa = translate(va.wrapping_add(i as u64))?;
-        *b = mem.read_obj(GuestAddress(gpa)).ok()?;
+    let mut done = 0;
+    while done < len {
+        let at = va.wrapping_add(done as u64);
+        let n = (0x1000 - (at & 0xfff) as usize).min(len - done);
+        let gpa = translate(at)?;
+        mem.read_slice(&mut out[done..done + n], GuestAddress(gpa))
+            .ok()?;
+        done += n;
     }
     Some(out)
 }
