@@ -160,12 +160,31 @@ impl AddressSpace {
     }
 
     fn new_drain(&self) -> DrainCollector {
-        DrainCollector::new(self.notifier.clone())
+        DrainCollector::new(self.notifier.clone(), self.config.drain)
     }
 
-    /// Ends collection; returns the drain only if something must be waited for.
+    /// Ends collection: tells the owners of the leases it closed (revoke
+    /// hook, R_MAPPING fault) and returns the drain only if something must
+    /// be waited for. Call with no endpoint or domain lock held: the hooks
+    /// are the device's code.
     fn finish_drain(&self, drain: DrainCollector) -> Option<Arc<Drain>> {
-        let d = drain.finish()?;
+        let (d, revoked) = drain.finish();
+        for r in revoked {
+            self.shared
+                .metrics
+                .areas_revoked
+                .fetch_add(1, StdOrdering::Relaxed);
+            self.shared.faults.report(
+                crate::events::Fault::mapping(r.endpoint, r.iova, r.access),
+                &self.shared.metrics,
+            );
+            if let Some(hook) = r.hook {
+                hook();
+            }
+        }
+        // The control mode replies at once (the pins' records still take
+        // the drain's releases; nobody waits for them).
+        let d = d.filter(|_| self.config.drain)?;
         self.shared
             .metrics
             .drains
@@ -513,8 +532,11 @@ impl AddressSpace {
         debug_assert!(self.domains.is_empty());
         self.domains.clear();
         self.total_mappings = 0;
+        // Records from before the reset mean nothing to the next driver
+        // (the closed queue areas' faults included).
+        let d = self.finish_drain(drain);
         self.shared.faults.clear();
-        self.finish_drain(drain)
+        d
     }
 
     /// Applies a new value of the config `bypass` byte. Turning bypass off

@@ -119,6 +119,20 @@ pub struct IommuConfig {
     /// pin holders to revoke it.
     #[serde(with = "duration_micros")]
     pub revoke_grace: Duration,
+    /// Whether invalidations wait for in-flight DMA (default true).
+    ///
+    /// `false` is an **unsafe control mode**: UNMAP, DETACH, ATTACH-move,
+    /// bypass 1 -> 0 and reset complete without waiting for pins, and
+    /// leased queue areas are never revoked, which is how Cloud Hypervisor,
+    /// QEMU and crosvm behave. It exists to measure what draining costs and
+    /// to show that a test can see the difference; a device in this mode
+    /// can write guest memory after the guest took it back.
+    #[serde(default = "strict_default")]
+    pub drain: bool,
+}
+
+fn strict_default() -> bool {
+    true
 }
 
 impl Default for IommuConfig {
@@ -139,6 +153,7 @@ impl Default for IommuConfig {
             },
             limits: Limits::default(),
             revoke_grace: Duration::from_millis(100),
+            drain: true,
         }
     }
 }

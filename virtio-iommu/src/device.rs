@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{features::*, Range32, Range64, VirtioIommuConfig, CONFIG_BYPASS_OFFSET};
 use crate::state::{self, DomainState, EndpointState, IommuState, StateError, STATE_VERSION};
 use crate::sync::{lock, write, Arc};
-use crate::tracker::{wait_with_grace, Domain, Drain, Shared};
+use crate::tracker::{Domain, Drain, Shared};
 use crate::translate::EndpointHandle;
 
 /// Default (and maximum) virtqueue size.
@@ -59,6 +59,11 @@ pub struct VirtioIommu {
     shared: Arc<Shared>,
     drain_evt: Arc<EventFd>,
     fault_evt: Arc<EventFd>,
+    /// Drains of resets still in flight (see [`VirtioIommu::reset`]).
+    pending_resets: Vec<Arc<Drain>>,
+    /// Drain of a bypass 1 -> 0 still in flight (see
+    /// [`VirtioIommu::write_config`]).
+    pending_bypass: Option<Arc<Drain>>,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -81,10 +86,11 @@ impl VirtioIommu {
         config.validate()?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
-            bypass: std::sync::atomic::AtomicBool::new(config.bypass),
+            bypass: crate::sync::AtomicBool::new(config.bypass),
             metrics,
             faults: FaultQueue::new(config.limits.max_pending_faults),
             limits: config.limits,
+            input_end: config.input_end(),
         });
         let drain_evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let fault_evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -111,6 +117,8 @@ impl VirtioIommu {
             shared,
             drain_evt,
             fault_evt,
+            pending_resets: Vec::new(),
+            pending_bypass: None,
         })
     }
 
@@ -156,7 +164,8 @@ impl VirtioIommu {
                 end: self.config.domain_end.into(),
             },
             probe_size: self.config.probe_size.into(),
-            bypass: u8::from(self.shared.bypass.load(Ordering::Acquire)),
+            // Reads 1 until a change to 0 has drained: see write_config.
+            bypass: u8::from(self.shared.bypass.load(Ordering::Acquire) || self.bypass_draining()),
             reserved: [0; 3],
         }
     }
@@ -178,9 +187,14 @@ impl VirtioIommu {
     /// with `F_BYPASS_CONFIG` negotiated, and only with 0 or 1; everything
     /// else is ignored.
     ///
-    /// Turning bypass off blocks the caller until DMA in flight through the
-    /// identity translation of unattached endpoints has drained (revoking
-    /// it after the grace period): a config write has no reply to delay.
+    /// Never blocks. Turning bypass off takes effect at once (unattached
+    /// endpoints stop translating), but DMA may still be in flight through
+    /// the identity translation it removed: until that has drained the
+    /// `bypass` field reads back 1, and a driver that needs the guarantee
+    /// polls it (as it polls the device status after a reset). While it
+    /// reads back 1 further writes are ignored, which bounds the drains a
+    /// driver can pile up. [`VirtioIommu::revoke_overdue`] revokes the
+    /// blocking pins after the grace period.
     pub fn write_config(&mut self, offset: u64, data: &[u8]) {
         if self.acked_features & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) == 0 {
             return;
@@ -189,9 +203,18 @@ impl VirtioIommu {
             log::warn!("virtio-iommu: ignored config write at {offset:#x}");
             return;
         }
-        if let Some(d) = self.space.set_bypass(data[0] == 1) {
-            wait_with_grace(&d, self.config.revoke_grace);
+        if self.bypass_draining() {
+            log::warn!("virtio-iommu: bypass write while the previous change drains: ignored");
+            return;
         }
+        self.pending_bypass = self.space.set_bypass(data[0] == 1);
+    }
+
+    /// Whether a change of `bypass` to 0 still waits for DMA.
+    fn bypass_draining(&self) -> bool {
+        self.pending_bypass
+            .as_ref()
+            .is_some_and(|d| !d.is_complete())
     }
 
     /// Registers endpoint `id` (for PCI: segment << 16 | BDF) and returns
@@ -266,20 +289,33 @@ impl VirtioIommu {
         self.engine.parked_drain().cloned()
     }
 
-    /// When the parked request's holders should be asked to revoke.
-    pub fn revoke_deadline(&self) -> Option<Instant> {
+    /// Every drain still waited for: the parked request's, a pending
+    /// reset's, a pending bypass change's.
+    fn waiting_drains(&self) -> impl Iterator<Item = &Arc<Drain>> {
         self.engine
-            .parked_since()
-            .map(|t| t + self.config.revoke_grace)
+            .parked_drain()
+            .into_iter()
+            .chain(self.pending_resets.iter())
+            .chain(self.pending_bypass.iter())
+            .filter(|d| !d.is_complete())
     }
 
-    /// Calls the revoke hooks of pins holding up the parked request if its
+    /// When the holders of pins that an invalidation waits for (the parked
+    /// request, a reset, a bypass change) should next be asked to revoke.
+    pub fn revoke_deadline(&self) -> Option<Instant> {
+        self.waiting_drains()
+            .map(|d| d.started() + self.config.revoke_grace)
+            .min()
+    }
+
+    /// Calls the revoke hooks of pins holding up an invalidation whose
     /// grace period has passed. Returns how many hooks were called.
     pub fn revoke_overdue(&mut self, now: Instant) -> usize {
-        match (self.revoke_deadline(), self.engine.parked_drain()) {
-            (Some(deadline), Some(d)) if now >= deadline => d.revoke(),
-            _ => 0,
-        }
+        let grace = self.config.revoke_grace;
+        self.waiting_drains()
+            .filter(|d| now >= d.started() + grace)
+            .map(|d| d.revoke())
+            .sum()
     }
 
     /// Spins for at most `budget` waiting for the parked request's drain;
@@ -303,42 +339,67 @@ impl VirtioIommu {
         }
     }
 
-    /// Blocks until the parked request (if any) may be published, revoking
-    /// after the grace period; for VMMs without an event loop.
-    pub fn wait_parked(&self) {
-        if let Some(d) = self.engine.parked_drain() {
-            wait_with_grace(d, self.config.revoke_grace);
+    /// Waits at most `timeout` for the parked request (if any) to become
+    /// publishable, revoking its blockers once the grace period has
+    /// passed; true if nothing is parked any more or its drain completed.
+    /// For VMMs without an event loop. Blocks the caller for at most
+    /// `timeout`: call it from the device's own thread, never from a vCPU
+    /// with an unbounded timeout (a backend that never releases a pin
+    /// would hang it).
+    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
+        let Some(d) = self.engine.parked_drain() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let revoke_at = d.started() + self.config.revoke_grace;
+        if revoke_at < deadline
+            && !d.wait_timeout(revoke_at.saturating_duration_since(Instant::now()))
+        {
+            d.revoke();
         }
-    }
-
-    /// Fault injection for tests (feature `test-utils`): when set, the
-    /// device replies to invalidations without waiting for in-flight DMA,
-    /// like upstream devices do. Exists only to show that the stress
-    /// checker catches the resulting violations.
-    #[cfg(feature = "test-utils")]
-    pub fn set_skip_drains_for_testing(&mut self, skip: bool) {
-        self.engine.skip_drains = skip;
+        d.wait_timeout(deadline.saturating_duration_since(Instant::now()))
     }
 
     /// Device reset: every endpoint detached, domains removed, the parked
-    /// request forgotten. `bypass` keeps its value. Blocks until the DMA in
-    /// flight through the removed translations has drained (revoking it
-    /// after the grace period).
-    pub fn reset(&mut self) {
+    /// request forgotten. `bypass` keeps its value.
+    ///
+    /// Never blocks. The translations are gone when it returns, but DMA
+    /// may still be in flight through them: the reset is complete only when
+    /// [`VirtioIommu::reset_pending`] says false, and a transport keeps the
+    /// device status reading non-zero until then (virtio 1.2, 2.1.2: the
+    /// driver polls the status after writing 0). Returns whether the reset
+    /// is already complete.
+    pub fn reset(&mut self) -> bool {
         self.engine.reset();
         self.acked_features = 0;
         if let Some(d) = self.space.reset() {
-            wait_with_grace(&d, self.config.revoke_grace);
+            self.pending_resets.push(d);
         }
+        !self.reset_pending()
+    }
+
+    /// Whether DMA through translations removed by a reset (or a bypass
+    /// change) is still in flight. Forgets completed drains and revokes
+    /// overdue blockers (see [`VirtioIommu::revoke_overdue`]), so a
+    /// transport that calls it on each status read also drives revocation.
+    pub fn reset_pending(&mut self) -> bool {
+        self.revoke_overdue(Instant::now());
+        self.pending_resets.retain(|d| !d.is_complete());
+        if !self.bypass_draining() {
+            self.pending_bypass = None;
+        }
+        !self.pending_resets.is_empty() || self.pending_bypass.is_some()
     }
 
     /// System reset: [`VirtioIommu::reset`], and `bypass` back to its
-    /// initial value.
-    pub fn system_reset(&mut self) {
+    /// initial value. Never blocks; see [`VirtioIommu::reset_pending`].
+    /// Returns whether the reset is already complete.
+    pub fn system_reset(&mut self) -> bool {
         self.reset();
         if let Some(d) = self.space.set_bypass(self.config.bypass) {
-            wait_with_grace(&d, self.config.revoke_grace);
+            self.pending_resets.push(d);
         }
+        !self.reset_pending()
     }
 
     /// The device's counters.
@@ -346,9 +407,10 @@ impl VirtioIommu {
         self.shared.metrics.clone()
     }
 
-    /// Captures the guest-configured state. Fails while a request is parked.
+    /// Captures the guest-configured state. Fails while a request is
+    /// parked or a reset or bypass change is draining.
     pub fn snapshot(&self) -> Result<IommuState, StateError> {
-        if self.engine.parked_drain().is_some() {
+        if self.waiting_drains().next().is_some() {
             return Err(StateError::Busy);
         }
         let endpoints = self
@@ -384,7 +446,7 @@ impl VirtioIommu {
     /// created device whose endpoints are registered. The state is
     /// validated completely before anything changes.
     pub fn restore(&mut self, state: &IommuState) -> Result<(), StateError> {
-        if self.space.domain_count() != 0 || self.engine.parked_drain().is_some() {
+        if self.space.domain_count() != 0 || self.waiting_drains().next().is_some() {
             return Err(StateError::NotFresh);
         }
         let regions: BTreeMap<u32, Vec<ReservedRegion>> = self

@@ -59,9 +59,6 @@ enum Handled {
 #[derive(Default)]
 pub struct RequestEngine {
     parked: Option<Parked>,
-    /// Test-only fault injection: reply without waiting for drains.
-    #[cfg(feature = "test-utils")]
-    pub(crate) skip_drains: bool,
     writable: Vec<(GuestAddress, u32)>,
     probe_buf: Vec<u8>,
 }
@@ -311,15 +308,6 @@ impl RequestEngine {
                 }
                 _ => unreachable!("filtered above"),
             }
-        };
-        #[cfg(feature = "test-utils")]
-        let outcome = if self.skip_drains {
-            Outcome {
-                drain: None,
-                ..outcome
-            }
-        } else {
-            outcome
         };
         match outcome.drain {
             Some(drain) => Handled::Park(Parked {

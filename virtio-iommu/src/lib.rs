@@ -17,8 +17,10 @@
 //! - [`protocol`] — wire formats of the specification;
 //! - [`config`] — the VMM's configuration and limits;
 //! - [`mapping`] — the per-domain interval map;
+//! - [`lease`] — the atomic protocol of long-held, revocable translations;
 //! - [`tracker`] — pins, drains and revocation (the invariant);
 //! - [`translate`] — the endpoint handle, also a `vm_memory::Iommu`;
+//! - [`queue_area`] — virtqueue rings translated once, revoked strictly;
 //! - [`address_space`] — ATTACH/DETACH/MAP/UNMAP semantics;
 //! - [`engine`] — request queue parsing and ordering;
 //! - [`events`] — fault reporting;
@@ -27,8 +29,12 @@
 //! - [`metrics`] — counters.
 
 #![warn(missing_docs)]
+// Under `--cfg loom` only the tracker is built for the models; the rest of
+// the crate (and what only it uses) is left out.
+#![cfg_attr(all(loom, not(test)), allow(dead_code))]
 
 pub mod config;
+pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod protocol;
@@ -43,6 +49,8 @@ pub mod mapper;
 pub mod device;
 #[cfg(not(loom))]
 pub mod engine;
+#[cfg(not(loom))]
+pub mod queue_area;
 #[cfg(not(loom))]
 pub mod state;
 #[cfg(not(loom))]
@@ -62,6 +70,8 @@ pub use mapper::ExternalMapper;
 pub use mapping::{MapFlags, Mapping};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use protocol::Status;
+#[cfg(not(loom))]
+pub use queue_area::{AreaGuard, AreaSpec, QueueAreas, QueueMemory};
 #[cfg(not(loom))]
 pub use state::IommuState;
 pub use tracker::{Drain, GpaRange, Pin, RevokeHook, TranslateError};

@@ -27,10 +27,11 @@ fn space() -> AddressSpace {
         ..Default::default()
     };
     let shared = Arc::new(Shared {
-        bypass: std::sync::atomic::AtomicBool::new(false),
+        bypass: crate::sync::AtomicBool::new(false),
         metrics: Arc::new(Metrics::default()),
         faults: FaultQueue::new(4),
         limits: config.limits,
+        input_end: config.input_end(),
     });
     AddressSpace::new(config, shared)
 }
@@ -133,4 +134,226 @@ fn attach_move_waits_for_the_endpoints_pins() {
 #[should_panic(expected = "after the reply")]
 fn replying_without_draining_is_caught() {
     model(|s| s.unmap(5, 0x1000, 0x1fff), false);
+}
+
+// ------------------------------------------------------------- leases
+//
+// The queue-area models: the device translates its "ring" once through
+// `EndpointCore::lease_areas` (the code `EndpointHandle::lease_queue_areas`
+// runs) and then accesses it in sections; the invalidating thread removes
+// the translation through the real address-space code, waits for the drain
+// and reclaims the page. No section may see the page reclaimed, and the
+// revoke hook must have been called by the time of the reply.
+
+use crate::lease::Lease;
+use crate::tracker::Drain;
+
+const RING: (u64, u64, Permissions) = (0x1000, 8, Permissions::Write);
+
+/// One access section, as `AreaGuard` brackets it.
+fn section(ep: &EndpointCore, lease: &Lease<Arc<Drain>>, reclaimed: &AtomicBool) -> bool {
+    let _ = ep;
+    if !lease.enter() {
+        return false;
+    }
+    assert!(!reclaimed.load(SeqCst), "ring access began after the reply");
+    thread::yield_now();
+    assert!(
+        !reclaimed.load(SeqCst),
+        "ring access still running after the reply"
+    );
+    EndpointCore::exit_lease(lease);
+    true
+}
+
+/// Runs a lease model. The device thread leases the ring (racing the
+/// invalidation: rule 1) and runs `sections` sections; with `second`, a
+/// second thread (a worker publishing used entries) shares the lease.
+/// `setup` prepares the address space (returns the endpoint used),
+/// `invalidate` removes the translation; `wait` false models a device
+/// that replies without draining.
+fn lease_model(
+    setup: fn(&mut AddressSpace) -> Arc<EndpointCore>,
+    invalidate: fn(&mut AddressSpace) -> crate::address_space::Outcome,
+    second: bool,
+    wait: bool,
+) {
+    static SCHEDULES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    struct Report;
+    impl Drop for Report {
+        fn drop(&mut self) {
+            eprintln!(
+                "loom: {} schedules explored",
+                SCHEDULES.swap(0, std::sync::atomic::Ordering::SeqCst)
+            );
+        }
+    }
+    let _report = Report;
+    loom::model(move || {
+        SCHEDULES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut s = space();
+        let ep = setup(&mut s);
+        let reclaimed = Arc::new(AtomicBool::new(false));
+        let told = Arc::new(AtomicBool::new(false));
+        let lease = Arc::new(Lease::new());
+        let hook: crate::tracker::RevokeHook = {
+            let told = told.clone();
+            // loom's Arc does not coerce to a trait object itself.
+            let f: std::sync::Arc<dyn Fn() + Send + Sync> =
+                std::sync::Arc::new(move || told.store(true, SeqCst));
+            Arc::from_std(f)
+        };
+        // Leased before the threads start when a second thread shares it;
+        // otherwise the device leases concurrently with the invalidation.
+        let pre = second.then(|| ep.lease_areas(&[RING], lease.clone(), Some(hook.clone())));
+        let dev = {
+            let (ep, lease, reclaimed) = (ep.clone(), lease.clone(), reclaimed.clone());
+            let hook = hook.clone();
+            thread::spawn(move || {
+                let leased = match pre {
+                    Some(r) => r.is_ok(),
+                    None => ep.lease_areas(&[RING], lease.clone(), Some(hook)).is_ok(),
+                };
+                if leased {
+                    for _ in 0..2 {
+                        section(&ep, &lease, &reclaimed);
+                    }
+                }
+            })
+        };
+        let worker = second.then(|| {
+            let (ep, lease, reclaimed) = (ep.clone(), lease.clone(), reclaimed.clone());
+            thread::spawn(move || {
+                section(&ep, &lease, &reclaimed);
+            })
+        });
+        let out = invalidate(&mut s);
+        if let (Some(d), true) = (out.drain, wait) {
+            d.wait();
+        }
+        // Reply published: the guest reuses the ring's page.
+        reclaimed.store(true, SeqCst);
+        if lease.is_closed() {
+            assert!(
+                told.load(SeqCst),
+                "lease closed but the device was not told"
+            );
+        }
+        dev.join().unwrap();
+        if let Some(w) = worker {
+            w.join().unwrap();
+        }
+    });
+}
+
+fn attached(s: &mut AddressSpace) -> Arc<EndpointCore> {
+    let ep = s.add_endpoint_core(1, None, Vec::new()).unwrap();
+    assert_eq!(s.attach(5, 1, false).status, Status::Ok);
+    assert_eq!(
+        s.map(5, 0x1000, 0x1fff, 0x9000, crate::MapFlags::READ_WRITE),
+        Status::Ok
+    );
+    ep
+}
+
+fn bypassed(s: &mut AddressSpace) -> Arc<EndpointCore> {
+    let ep = s.add_endpoint_core(1, None, Vec::new()).unwrap();
+    assert!(s.set_bypass(true).is_none());
+    ep
+}
+
+#[test]
+fn lease_alone_close_waits_for_open_sections() {
+    // The protocol without the tracker: two sections against one close.
+    static SCHEDULES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    loom::model(|| {
+        SCHEDULES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let lease: Arc<Lease<Arc<AtomicBool>>> = Arc::new(Lease::new());
+        let reclaimed = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (lease, reclaimed) = (lease.clone(), reclaimed.clone());
+                thread::spawn(move || {
+                    if lease.enter() {
+                        assert!(!reclaimed.load(SeqCst));
+                        thread::yield_now();
+                        assert!(!reclaimed.load(SeqCst));
+                        for w in lease.exit() {
+                            w.store(true, SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let released = Arc::new(AtomicBool::new(false));
+        let closed = lease.close(|| released.clone());
+        if closed.waiting {
+            while !released.load(SeqCst) {
+                thread::yield_now();
+            }
+        }
+        reclaimed.store(true, SeqCst);
+        assert!(!lease.enter(), "a closed lease never opens again");
+        for t in threads {
+            t.join().unwrap();
+        }
+    });
+    eprintln!(
+        "loom: {} schedules explored",
+        SCHEDULES.swap(0, std::sync::atomic::Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn unmap_of_a_leased_ring_waits_for_open_sections() {
+    lease_model(attached, |s| s.unmap(5, 0x1000, 0x1fff), false, true);
+}
+
+#[test]
+fn unmap_of_a_leased_ring_waits_for_every_sharing_thread() {
+    lease_model(attached, |s| s.unmap(5, 0x1000, 0x1fff), true, true);
+}
+
+#[test]
+fn detach_revokes_a_leased_ring() {
+    lease_model(attached, |s| s.detach(5, 1), false, true);
+}
+
+#[test]
+fn attach_move_revokes_a_leased_ring() {
+    lease_model(attached, |s| s.attach(6, 1, false), false, true);
+}
+
+#[test]
+fn bypass_off_revokes_a_ring_leased_through_bypass() {
+    lease_model(
+        bypassed,
+        |s| crate::address_space::Outcome {
+            status: Status::Ok,
+            drain: s.set_bypass(false),
+        },
+        false,
+        true,
+    );
+}
+
+#[test]
+fn reset_revokes_a_leased_ring() {
+    lease_model(
+        attached,
+        |s| crate::address_space::Outcome {
+            status: Status::Ok,
+            drain: s.reset(),
+        },
+        false,
+        true,
+    );
+}
+
+/// The checker can fail: replying without waiting for the open sections
+/// of the ring's lease is caught.
+#[test]
+#[should_panic(expected = "after the reply")]
+fn replying_without_waiting_for_ring_sections_is_caught() {
+    lease_model(attached, |s| s.unmap(5, 0x1000, 0x1fff), true, false);
 }

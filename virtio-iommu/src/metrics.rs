@@ -119,6 +119,8 @@ pub struct Metrics {
     pub drain_wait: Histogram,
     /// Revoke hooks called.
     pub revocations: AtomicU64,
+    /// Leased queue areas closed by an invalidation.
+    pub areas_revoked: AtomicU64,
     /// External mapper (VFIO) failures.
     pub mapper_errors: AtomicU64,
 }
@@ -168,6 +170,7 @@ impl Metrics {
             drains: self.drains.load(Ordering::Relaxed),
             drain_wait: self.drain_wait.snapshot(),
             revocations: self.revocations.load(Ordering::Relaxed),
+            areas_revoked: self.areas_revoked.load(Ordering::Relaxed),
             mapper_errors: self.mapper_errors.load(Ordering::Relaxed),
         }
     }
@@ -203,6 +206,8 @@ pub struct MetricsSnapshot {
     pub drain_wait: HistogramSnapshot,
     /// Revoke hooks called.
     pub revocations: u64,
+    /// Leased queue areas closed by an invalidation.
+    pub areas_revoked: u64,
     /// External mapper failures.
     pub mapper_errors: u64,
 }
@@ -229,6 +234,7 @@ impl std::fmt::Display for MetricsSnapshot {
             self.drain_wait.mean_us
         )?;
         writeln!(f, "  revocations: {}", self.revocations)?;
+        writeln!(f, "  queue areas revoked: {}", self.areas_revoked)?;
         write!(f, "  mapper errors: {}", self.mapper_errors)
     }
 }

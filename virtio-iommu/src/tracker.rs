@@ -2,11 +2,11 @@
 //!
 //! # Protocol
 //!
-//! Every endpoint has one mutex, [`EndpointCore::state`], that guards both its
+//! Every endpoint has one mutex, `EndpointCore::state`, that guards both its
 //! current attachment (which domain translates for it) and its table of pins
 //! (DMA in flight). The protocol has three rules:
 //!
-//! 1. *Lookup-then-pin is one critical section.* [`EndpointCore::pin`]
+//! 1. *Lookup-then-pin is one critical section.* `EndpointCore::translate`
 //!    holds the endpoint lock while it reads the attachment, looks the range
 //!    up in the domain's mapping tree (under the domain's read lock) and
 //!    inserts the pin record.
@@ -26,6 +26,18 @@
 //! so the scan sees it. A pin attempted after the removal does not find the
 //! mapping and fails. Hence, once the count is zero, no access through the
 //! removed translation is running and none can start: the invariant.
+//!
+//! # Leased translations
+//!
+//! Queue areas ([`crate::queue_area`]) are translated once and then used
+//! for as long as the queue runs, through a [`crate::lease`] rather than a
+//! pin. Their records sit in the same endpoint table (`AreaRecord`) and
+//! are found by the same scans (rule 2): an invalidation that overlaps one
+//! closes its lease, makes the drain wait for the access sections open at
+//! that moment, and, after the locks are dropped, calls the area's revoke
+//! hook and reports an R_MAPPING fault. A lease made through a translation
+//! is registered in the same critical section as its lookup (rule 1), so
+//! the scan finds every lease that an invalidation must close.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +45,7 @@ use vm_memory::Permissions;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::Limits;
+use crate::lease::Lease;
 use crate::mapping::MappingTree;
 use crate::metrics::Metrics;
 use crate::sync::{lock, read, Arc, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
@@ -143,24 +156,50 @@ impl PinTable {
     }
 }
 
+/// A leased translation of an endpoint (its queue areas); see
+/// [`crate::lease`] and [`crate::queue_area`].
+pub(crate) struct AreaRecord {
+    /// Identifies the record for its owner's deregistration.
+    pub serial: u64,
+    /// The translation it was made through (see [`PinRecord`]).
+    pub via: u64,
+    /// First IOVA, last IOVA and access of each area.
+    pub areas: Vec<(u64, u64, Permissions)>,
+    /// The lease the owner's accesses go through.
+    pub lease: Arc<Lease<Arc<Drain>>>,
+    /// Told when an invalidation closes the lease.
+    pub revoke: Option<RevokeHook>,
+}
+
+/// Leased translations one endpoint may hold at once (three areas per
+/// queue make one record): a device bug, not a guest, could exceed it.
+pub const MAX_AREA_RECORDS_PER_ENDPOINT: usize = 1024;
+
 /// What the translation path reads under the endpoint lock.
 pub(crate) struct EndpointState {
     /// The domain translating for the endpoint.
     pub domain: Option<Arc<Domain>>,
     /// DMA in flight.
     pub pins: PinTable,
+    /// Leased translations (queue areas).
+    pub areas: Vec<AreaRecord>,
+    /// Serial of the next area record.
+    pub next_area_serial: u64,
 }
 
 /// Flags shared by every endpoint of a device.
 pub(crate) struct Shared {
-    /// The config space's `bypass` byte.
-    pub bypass: std::sync::atomic::AtomicBool,
+    /// The config space's `bypass` byte (a loom atomic in the models: the
+    /// route of an unattached endpoint depends on it).
+    pub bypass: crate::sync::AtomicBool,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Fault records waiting for the event queue.
     pub faults: crate::events::FaultQueue,
     /// Limits.
     pub limits: Limits,
+    /// Last IOVA of the input range: identity translation ends there too.
+    pub input_end: u64,
 }
 
 /// The shared part of an endpoint.
@@ -205,6 +244,9 @@ pub enum TranslateError {
     /// The endpoint holds too many pins.
     #[error("too many pins in flight")]
     TooManyPins,
+    /// The endpoint holds too many leased translations.
+    #[error("too many leased queue areas")]
+    TooManyAreas,
 }
 
 /// At most this many discontiguous GPA ranges per translation: bounds the
@@ -283,6 +325,19 @@ pub(crate) fn translate_in(
     }
 }
 
+/// Checks an identity-translated range: non-empty, no wrap, inside the
+/// input range. Returns its last address.
+pub(crate) fn identity_range(iova: u64, len: u64, input_end: u64) -> Result<u64, TranslateError> {
+    let last = len
+        .checked_sub(1)
+        .and_then(|l| iova.checked_add(l))
+        .ok_or(TranslateError::BadRange)?;
+    if last > input_end {
+        return Err(TranslateError::BadRange);
+    }
+    Ok(last)
+}
+
 /// How an endpoint currently translates.
 pub(crate) enum Route<'a> {
     /// Identity, recorded as `via`.
@@ -298,9 +353,7 @@ impl EndpointState {
         match &self.domain {
             Some(d) if d.bypass => Route::Identity(d.uid),
             Some(d) => Route::Domain(d),
-            None if shared.bypass.load(std::sync::atomic::Ordering::Acquire) => {
-                Route::Identity(VIA_GLOBAL_BYPASS)
-            }
+            None if shared.bypass.load(Ordering::Acquire) => Route::Identity(VIA_GLOBAL_BYPASS),
             None => Route::Blocked,
         }
     }
@@ -318,6 +371,8 @@ impl EndpointCore {
             state: Mutex::new(EndpointState {
                 domain: None,
                 pins: PinTable::with_capacity(PIN_TABLE_PREALLOC),
+                areas: Vec::new(),
+                next_area_serial: 0,
             }),
             shared,
             #[cfg(not(loom))]
@@ -342,7 +397,7 @@ impl EndpointCore {
         let mut st = lock(&self.state);
         let (ranges, via) = match st.route(&self.shared) {
             Route::Identity(via) => {
-                iova.checked_add(len - 1).ok_or(TranslateError::BadRange)?;
+                identity_range(iova, len, self.shared.input_end)?;
                 (GpaRanges::One(GpaRange { gpa: iova, len }), via)
             }
             Route::Domain(d) => {
@@ -382,7 +437,8 @@ impl EndpointCore {
     }
 
     /// Makes `drain` wait for every pin made through `via` that overlaps
-    /// `[start, end]`. Call after the translation was removed.
+    /// `[start, end]`, and closes every lease made through `via` with an
+    /// area overlapping it. Call after the translation was removed.
     pub(crate) fn collect_range(
         this: &Arc<Self>,
         st: &mut EndpointState,
@@ -394,9 +450,19 @@ impl EndpointCore {
         Self::collect(this, st, drain, |r| {
             r.via == via && r.start <= end && start <= r.end
         });
+        for rec in st.areas.iter().filter(|r| r.via == via) {
+            if let Some(&(first, last, access)) = rec
+                .areas
+                .iter()
+                .find(|(first, last, _)| *first <= end && start <= *last)
+            {
+                drain.close_lease(this.id, rec, first.max(start).min(last), access);
+            }
+        }
     }
 
-    /// Makes `drain` wait for every pin not made through `keep_via`.
+    /// Makes `drain` wait for every pin not made through `keep_via`, and
+    /// closes every lease not made through it.
     pub(crate) fn collect_not_via(
         this: &Arc<Self>,
         st: &mut EndpointState,
@@ -404,6 +470,84 @@ impl EndpointCore {
         drain: &mut DrainCollector,
     ) {
         Self::collect(this, st, drain, |r| r.via != keep_via);
+        for rec in st.areas.iter().filter(|r| r.via != keep_via) {
+            if let Some(&(first, _, access)) = rec.areas.first() {
+                drain.close_lease(this.id, rec, first, access);
+            }
+        }
+    }
+
+    /// Translates `areas` (first IOVA, length, access) and registers them
+    /// as one leased translation, in one critical section (rule 1), so
+    /// that every later invalidation overlapping an area finds the lease.
+    /// Returns the translations and the record's serial; on failure the
+    /// error and the index of the area that failed, and nothing is
+    /// registered.
+    pub(crate) fn lease_areas(
+        &self,
+        areas: &[(u64, u64, Permissions)],
+        lease: Arc<Lease<Arc<Drain>>>,
+        revoke: Option<RevokeHook>,
+    ) -> Result<(Vec<GpaRanges>, u64), (TranslateError, usize)> {
+        let mut st = lock(&self.state);
+        if st.areas.len() >= MAX_AREA_RECORDS_PER_ENDPOINT {
+            return Err((TranslateError::TooManyAreas, 0));
+        }
+        let mut out = Vec::with_capacity(areas.len());
+        let mut records = Vec::with_capacity(areas.len());
+        {
+            let route = st.route(&self.shared);
+            let tree = match &route {
+                Route::Domain(d) => Some(read(&d.mappings)),
+                _ => None,
+            };
+            for (i, &(iova, len, access)) in areas.iter().enumerate() {
+                // Guest-chosen: checked before any arithmetic on it.
+                let last = len
+                    .checked_sub(1)
+                    .and_then(|l| iova.checked_add(l))
+                    .ok_or((TranslateError::BadRange, i))?;
+                let gpa = match (&route, &tree) {
+                    (Route::Identity(_), _) => {
+                        identity_range(iova, len, self.shared.input_end).map_err(|e| (e, i))?;
+                        GpaRanges::One(GpaRange { gpa: iova, len })
+                    }
+                    (Route::Domain(_), Some(t)) => {
+                        translate_in(t, iova, len, access).map_err(|e| (e, i))?
+                    }
+                    _ => return Err((TranslateError::NotAttached, i)),
+                };
+                out.push(gpa);
+                records.push((iova, last, access));
+            }
+        }
+        let serial = st.next_area_serial;
+        st.next_area_serial += 1;
+        let via = st.current_via();
+        st.areas.push(AreaRecord {
+            serial,
+            via,
+            areas: records,
+            lease,
+            revoke,
+        });
+        Ok((out, serial))
+    }
+
+    /// Ends an access section of a leased translation; the last section of
+    /// a closed lease releases the drains that waited for it (rule 3).
+    pub(crate) fn exit_lease(lease: &Lease<Arc<Drain>>) {
+        for d in lease.exit() {
+            d.release_one();
+        }
+    }
+
+    /// Forgets a leased translation (its owner let it go).
+    pub(crate) fn remove_area_record(&self, serial: u64) {
+        let mut st = lock(&self.state);
+        if let Some(i) = st.areas.iter().position(|r| r.serial == serial) {
+            st.areas.swap_remove(i);
+        }
     }
 
     fn collect(
@@ -515,18 +659,38 @@ impl Drop for Pin {
     }
 }
 
+/// A lease an invalidation closed: whom to tell, and the fault to report.
+pub(crate) struct RevokedArea {
+    /// The owner's hook.
+    pub hook: Option<RevokeHook>,
+    /// The endpoint the lease belongs to.
+    pub endpoint: u32,
+    /// An address of the area that lost its translation.
+    pub iova: u64,
+    /// How the device accesses that area.
+    pub access: Permissions,
+}
+
 /// Builds a [`Drain`] only when a pin actually has to be waited for, so
-/// that an invalidation without DMA in flight allocates nothing.
+/// that an invalidation without DMA in flight allocates nothing; collects
+/// the leases it closed.
 pub(crate) struct DrainCollector {
     notifier: Option<Arc<EventFd>>,
     drain: Option<Arc<Drain>>,
+    close_leases: bool,
+    revoked: Vec<RevokedArea>,
 }
 
 impl DrainCollector {
-    pub(crate) fn new(notifier: Option<Arc<EventFd>>) -> Self {
+    /// A collector; `close_leases` false leaves leased translations alone
+    /// (the non-draining control mode: rings stay translated, as in
+    /// devices that translate them once and never revoke).
+    pub(crate) fn new(notifier: Option<Arc<EventFd>>, close_leases: bool) -> Self {
         DrainCollector {
             notifier,
             drain: None,
+            close_leases,
+            revoked: Vec::new(),
         }
     }
 
@@ -535,14 +699,31 @@ impl DrainCollector {
         self.drain.get_or_insert_with(|| Drain::new(n.clone()))
     }
 
-    /// Ends collection: the drain to wait for, if any pin is still held.
-    pub(crate) fn finish(self) -> Option<Arc<Drain>> {
-        let d = self.drain?;
-        if d.arm() {
-            None
-        } else {
-            Some(d)
+    /// Closes `rec`'s lease; the drain waits for its open sections.
+    fn close_lease(&mut self, endpoint: u32, rec: &AreaRecord, iova: u64, access: Permissions) {
+        if !self.close_leases {
+            return;
         }
+        let closed = rec.lease.close(|| {
+            let d = self.drain();
+            d.hold();
+            d.clone()
+        });
+        if closed.first {
+            self.revoked.push(RevokedArea {
+                hook: rec.revoke.clone(),
+                endpoint,
+                iova,
+                access,
+            });
+        }
+    }
+
+    /// Ends collection: the drain to wait for, if any pin is still held or
+    /// any closed lease still has open sections, and the leases closed.
+    pub(crate) fn finish(self) -> (Option<Arc<Drain>>, Vec<RevokedArea>) {
+        let d = self.drain.filter(|d| !d.arm());
+        (d, self.revoked)
     }
 }
 
@@ -554,7 +735,7 @@ struct Blocker {
 
 /// One invalidation waiting for in-flight DMA.
 ///
-/// The count starts at one for the registration itself; [`Drain::arm`]
+/// The count starts at one for the registration itself; `Drain::arm`
 /// drops that reference once every overlapping pin has been collected, so
 /// the drain cannot complete while collection is still running.
 pub struct Drain {
@@ -589,6 +770,12 @@ impl Drain {
         })
     }
 
+    /// Makes the drain wait for one more release (a closed lease's open
+    /// sections), released with [`Drain::release_one`].
+    fn hold(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn add_blocker(&self, ep: Arc<EndpointCore>, slot: u32, serial: u64) {
         self.remaining.fetch_add(1, Ordering::AcqRel);
         lock(&self.blockers).push(Blocker { ep, slot, serial });
@@ -605,7 +792,8 @@ impl Drain {
         lock(&self.blockers).len()
     }
 
-    fn release_one(&self) -> bool {
+    /// Releases one pin or lease hold; true if that completed the drain.
+    pub(crate) fn release_one(&self) -> bool {
         self.release(true)
     }
 

@@ -35,17 +35,32 @@ impl EndpointHandle {
         self.core.id
     }
 
-    fn fault(&self, err: TranslateError, access: Permissions) {
-        let reason = match err {
-            TranslateError::NotAttached => Some(Fault::domain(self.core.id, access)),
+    /// Reports a failed translation of `[iova, iova + len)` as a fault
+    /// record: R_DOMAIN when the endpoint is blocked, R_MAPPING (at the
+    /// first address that failed) when the range is unmapped, not
+    /// permitted, wraps or leaves the input range. Resource limits
+    /// (fragmentation, pin and area counts) are the VMM's, not faults, and
+    /// so is an empty range.
+    pub(crate) fn report_fault(
+        &self,
+        err: TranslateError,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) {
+        let id = self.core.id;
+        let f = match err {
+            TranslateError::NotAttached => Fault::domain(id, access),
             TranslateError::NotMapped(a) | TranslateError::Permission(a) => {
-                Some(Fault::mapping(self.core.id, a, access))
+                Fault::mapping(id, a, access)
             }
-            _ => None,
+            TranslateError::BadRange if len > 0 => Fault::mapping(id, iova, access),
+            TranslateError::BadRange
+            | TranslateError::TooFragmented
+            | TranslateError::TooManyPins
+            | TranslateError::TooManyAreas => return,
         };
-        if let Some(f) = reason {
-            self.core.shared.faults.report(f, &self.core.shared.metrics);
-        }
+        self.core.shared.faults.report(f, &self.core.shared.metrics);
     }
 
     /// Translates `[iova, iova + len)` for `access` without pinning it.
@@ -64,7 +79,7 @@ impl EndpointHandle {
         self.core
             .translate(iova, len, access, None)
             .map(|(r, _, _)| r)
-            .inspect_err(|&e| self.fault(e, access))
+            .inspect_err(|&e| self.report_fault(e, iova, len, access))
     }
 
     /// Translates `[iova, iova + len)` for `access` and pins it: until the
@@ -102,7 +117,7 @@ impl EndpointHandle {
                 Ok(Pin::new(self.core.clone(), slot, serial, iova, len, ranges))
             }
             Err(e) => {
-                self.fault(e, access);
+                self.report_fault(e, iova, len, access);
                 Err(e)
             }
         }
@@ -150,10 +165,14 @@ impl EndpointHandle {
         match st.route(&self.core.shared) {
             Route::Blocked => Err(TranslateError::NotAttached),
             Route::Identity(_) => {
-                // Identity: one entry for the whole (page-aligned) neighbourhood.
+                // Identity: one entry for the (page-aligned) neighbourhood,
+                // inside the input range. The IOTLB's ranges are
+                // end-exclusive, so the space's last byte is never cached
+                // (the caller refuses ranges that reach it).
                 let base = iova & !0xfff;
-                let len = 1usize << 30;
-                let len = len.min((u64::MAX - base) as usize);
+                let end = self.core.shared.input_end.min(u64::MAX - 1);
+                let len = (end - base).saturating_add(1).min(1 << 30);
+                let len = usize::try_from(len).unwrap_or(1 << 30);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
                 self.core
                     .iotlb_used
@@ -172,7 +191,10 @@ impl EndpointHandle {
                 if !m.flags.allows(access) {
                     return Err(TranslateError::Permission(iova));
                 }
-                let len = usize::try_from(m.size()).unwrap_or(usize::MAX);
+                // End-exclusive in the IOTLB: a mapping that reaches the
+                // last byte of the space is cached without that byte.
+                let len = m.size().min(u64::MAX - m.iova);
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
                 self.core
                     .iotlb_used
@@ -221,6 +243,19 @@ impl vm_memory::Iommu for EndpointHandle {
             iova_range: vm_memory::iommu::IovaRange { base: iova, length },
             reason,
         };
+        // Guest-chosen (address, length): checked before any arithmetic.
+        // The IOTLB works with end-exclusive u64 ranges, so a range must
+        // end below 2^64 - 1; it must also lie in the input range (and be
+        // non-empty: nothing is translated for nothing).
+        let len = length as u64;
+        let in_range = len
+            .checked_sub(1)
+            .and_then(|l| iova.0.checked_add(l))
+            .is_some_and(|last| last < u64::MAX && last <= self.core.shared.input_end);
+        if !in_range {
+            self.report_fault(TranslateError::BadRange, iova.0, len, access);
+            return Err(range_err(TranslateError::BadRange.to_string()));
+        }
         // Each miss fills at least one mapping and moves on; the loop ends
         // after at most one fill per mapping in the range, bounded by the
         // mapping limit.
@@ -243,7 +278,7 @@ impl vm_memory::Iommu for EndpointHandle {
             }
             fills += 1;
             if let Err(e) = self.fill_iotlb(first, access) {
-                self.fault(e, access);
+                self.report_fault(e, first, len, access);
                 return Err(range_err(e.to_string()));
             }
         }
@@ -267,7 +302,9 @@ impl EndpointHandle {
         if start == 0 && end == u64::MAX {
             tlb.invalidate_all();
         } else {
-            let len = usize::try_from(end - start).unwrap_or(usize::MAX - 1) + 1;
+            // End-exclusive: stop below 2^64 (the last byte is never cached).
+            let len = (end - start).saturating_add(1).min(u64::MAX - start);
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
             tlb.invalidate_mapping(GuestAddress(start), len);
         }
     }

@@ -250,22 +250,69 @@ fn blocking_wait_revokes_and_returns_when_the_holder_releases() {
     });
     post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
-    h.dev.wait_parked();
+    assert!(h.dev.wait_parked(Duration::from_secs(30)));
     assert!(process(&mut h));
     io.join().unwrap();
 }
 
 #[test]
-fn reset_drains_pins_of_every_endpoint() {
+fn wait_parked_gives_up_after_its_timeout() {
+    let mut h = setup();
+    // A holder that ignores revocation: the wait must still end.
+    let pin = pin(&h, EP, 0x1000, 8, Permissions::Write);
+    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    assert!(!process(&mut h));
+    let t = std::time::Instant::now();
+    assert!(!h.dev.wait_parked(Duration::from_millis(20)));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    drop(pin);
+    assert!(h.dev.wait_parked(Duration::from_millis(20)));
+    assert!(process(&mut h));
+}
+
+#[test]
+fn reset_completes_only_after_the_pins_of_every_endpoint_are_released() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x1000, 8, Permissions::Write);
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(5));
-        drop(pin);
-    });
-    h.dev.reset();
-    assert_eq!(h.dev.endpoint(EP).unwrap().pins_in_flight(), 0);
-    t.join().unwrap();
+    // The reset returns at once; it is pending while the pin is held.
+    assert!(!h.dev.reset(), "a pin is in flight");
+    assert!(h.dev.reset_pending());
+    assert!(!h.dev.endpoint(EP).unwrap().is_translating());
+    assert!(h.dev.snapshot().is_err(), "no snapshot while draining");
+    drop(pin);
+    assert!(!h.dev.reset_pending());
+    assert!(h.dev.reset(), "nothing in flight: complete at once");
+}
+
+#[test]
+fn a_pending_reset_revokes_its_blockers_after_the_grace_period() {
+    let mut h = setup();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin_revocable(
+            0x1000,
+            8,
+            Permissions::Write,
+            Arc::new(move || {
+                let _ = tx.send(());
+            }),
+        )
+        .unwrap();
+    assert!(!h.dev.reset());
+    // The transport polls the reset (the driver reads the status).
+    let t = std::time::Instant::now();
+    while rx.try_recv().is_err() {
+        assert!(h.dev.reset_pending());
+        assert!(t.elapsed() < Duration::from_secs(30), "never revoked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(t.elapsed() >= h.dev.config().revoke_grace / 2);
+    drop(pin);
+    assert!(!h.dev.reset_pending());
+    assert_eq!(h.dev.metrics().snapshot().revocations, 1);
 }
 
 #[test]

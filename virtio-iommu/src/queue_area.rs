@@ -1,0 +1,448 @@
+//! Queue-area translations: a virtqueue's rings translated once, used
+//! through a lease, revoked by the invalidations that remove them.
+//!
+//! A device behind the IOMMU reads its descriptor table and available ring
+//! and writes its used ring on every request. Translating each access
+//! (`IommuMemory`, or a pin per access) costs an interval-tree lookup and
+//! locks; translating once at queue enable and keeping the result, as
+//! Cloud Hypervisor, QEMU and crosvm do, makes a ring usable after the
+//! guest unmapped it. [`QueueAreas`] keeps the translation *and* stays
+//! strict:
+//!
+//! - [`EndpointHandle::lease_queue_areas`] translates the areas once, in
+//!   the same critical section that registers them with the endpoint
+//!   (rule 1 of [`crate::tracker`]);
+//! - every ring access happens inside an access section
+//!   ([`QueueAreas::memory`] opens one, dropping the [`QueueMemory`] ends
+//!   it): one compare-and-swap and one decrement, no lock an invalidation
+//!   holds, no tree lookup (see [`crate::lease`]);
+//! - an UNMAP, DETACH, ATTACH-move, bypass 1 -> 0 or reset that overlaps
+//!   any area closes the lease: no section opens any more, the
+//!   invalidation's reply waits for the sections open at that moment
+//!   (exactly like a pin), the revoke hook tells the device (which should
+//!   stop the queue and report DEVICE_NEEDS_RESET with a configuration
+//!   interrupt), and an R_MAPPING fault record goes to the driver.
+//!
+//! # Invariant
+//!
+//! After the reply of an invalidation that overlaps an area, no access
+//! through the leased translation is running and none can start: the
+//! lease's invariant, plus the tracker's rules that make every overlapping
+//! invalidation find the lease.
+//!
+//! Addresses outside the areas (an indirect descriptor table, say) go
+//! through an ordinary [`Pin`] held for the duration of the access, so
+//! [`QueueMemory`] can back a whole `virtio_queue::Queue`.
+//!
+//! A device must not block inside a section on anything that waits for
+//! an invalidation's reply: sections are what replies wait for. The
+//! device's own DMA (block I/O) is pinned as before; only ring accesses
+//! belong in sections.
+
+use std::fmt;
+use std::iter::FusedIterator;
+
+use vm_memory::bitmap::MS;
+use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
+use vm_memory::iommu::{Error as IommuError, IovaRange};
+use vm_memory::{
+    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+    GuestMemoryResult, Permissions, VolatileSlice,
+};
+
+use crate::lease::Lease;
+use crate::sync::Arc;
+use crate::tracker::{Drain, EndpointCore, GpaRange, GpaRanges, Pin, RevokeHook, TranslateError};
+use crate::translate::EndpointHandle;
+
+/// One area a device accesses for as long as its queue runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AreaSpec {
+    /// First IOVA.
+    pub iova: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// How the device accesses it.
+    pub access: Permissions,
+}
+
+impl AreaSpec {
+    /// The three areas of a split virtqueue of `size` entries (virtio 1.2,
+    /// 2.7): the descriptor table (16 bytes per entry, read), the
+    /// available ring (6 + 2 * size bytes, read) and the used ring
+    /// (6 + 8 * size bytes, written).
+    pub fn split_queue(desc: u64, avail: u64, used: u64, size: u16) -> [AreaSpec; 3] {
+        let n = u64::from(size);
+        [
+            AreaSpec {
+                iova: desc,
+                len: 16 * n,
+                access: Permissions::Read,
+            },
+            AreaSpec {
+                iova: avail,
+                len: 6 + 2 * n,
+                access: Permissions::Read,
+            },
+            AreaSpec {
+                iova: used,
+                len: 6 + 8 * n,
+                access: Permissions::Write,
+            },
+        ]
+    }
+}
+
+const EMPTY_SPEC: AreaSpec = AreaSpec {
+    iova: 0,
+    len: 0,
+    access: Permissions::No,
+};
+
+/// An area and its cached translation.
+#[derive(Debug)]
+struct CachedArea {
+    iova: u64,
+    last: u64,
+    access: Permissions,
+    gpa: GpaRanges,
+}
+
+impl CachedArea {
+    /// The GPA pieces of `[iova, iova + len)`, which lies inside the area.
+    fn pieces(&self, iova: u64, len: u64) -> Pieces {
+        let mut skip = iova - self.iova;
+        let mut left = len;
+        let mut out = Pieces::default();
+        for r in self.gpa.as_slice() {
+            if skip >= r.len {
+                skip -= r.len;
+                continue;
+            }
+            let n = (r.len - skip).min(left);
+            out.push(GpaRange {
+                gpa: r.gpa.wrapping_add(skip),
+                len: n,
+            });
+            left -= n;
+            skip = 0;
+            if left == 0 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// GPA pieces of one access: one without allocating, more in a vector.
+#[derive(Debug, Default)]
+struct Pieces {
+    first: Option<GpaRange>,
+    rest: Vec<GpaRange>,
+}
+
+impl Pieces {
+    fn push(&mut self, r: GpaRange) {
+        if self.first.is_none() {
+            self.first = Some(r);
+        } else {
+            self.rest.push(r);
+        }
+    }
+
+    fn from_ranges(ranges: &[GpaRange]) -> Self {
+        let mut p = Pieces::default();
+        for r in ranges {
+            p.push(*r);
+        }
+        p
+    }
+
+    /// Takes the next piece, in address order.
+    fn next(&mut self) -> Option<GpaRange> {
+        if let Some(r) = self.first.take() {
+            // `rest` is consumed from the front: reverse it once.
+            self.rest.reverse();
+            return Some(r);
+        }
+        self.rest.pop()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &GpaRange> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+/// A device's leased translation of its queue areas. Dropping it lets the
+/// translation go (the device reset its queue).
+pub struct QueueAreas {
+    ep: EndpointHandle,
+    serial: u64,
+    lease: Arc<Lease<Arc<Drain>>>,
+    areas: Vec<CachedArea>,
+}
+
+impl fmt::Debug for QueueAreas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueAreas")
+            .field("endpoint", &self.ep.id())
+            .field("areas", &self.areas)
+            .field("revoked", &self.is_revoked())
+            .field("open_sections", &self.lease.open_sections())
+            .finish()
+    }
+}
+
+impl EndpointHandle {
+    /// Translates `areas` for as long as the device uses them (a queue's
+    /// rings, from queue enable to reset) and registers them, so that any
+    /// invalidation that overlaps one revokes the lot: `revoke` is called
+    /// (by the invalidating thread, with no lock held; it must not block on
+    /// the IOMMU), later sections fail, and the invalidation's reply waits
+    /// for the sections open at that moment.
+    ///
+    /// Every area must be translatable with its access; a failure is
+    /// reported as a fault on the event queue and nothing is registered.
+    pub fn lease_queue_areas(
+        &self,
+        areas: &[AreaSpec],
+        revoke: RevokeHook,
+    ) -> Result<QueueAreas, TranslateError> {
+        self.lease_inner(areas, revoke).map_err(|(e, s)| {
+            self.report_fault(e, s.iova, s.len, s.access);
+            e
+        })
+    }
+
+    fn lease_inner(
+        &self,
+        specs: &[AreaSpec],
+        revoke: RevokeHook,
+    ) -> Result<QueueAreas, (TranslateError, AreaSpec)> {
+        let lease = Arc::new(Lease::new());
+        let raw: Vec<(u64, u64, Permissions)> =
+            specs.iter().map(|s| (s.iova, s.len, s.access)).collect();
+        let (gpas, serial) = self
+            .core
+            .lease_areas(&raw, lease.clone(), Some(revoke))
+            .map_err(|(e, i)| (e, specs.get(i).copied().unwrap_or(EMPTY_SPEC)))?;
+        let areas = specs
+            .iter()
+            .zip(gpas)
+            .map(|(s, gpa)| CachedArea {
+                iova: s.iova,
+                // lease_areas checked that this does not wrap.
+                last: s.iova + (s.len - 1),
+                access: s.access,
+                gpa,
+            })
+            .collect();
+        Ok(QueueAreas {
+            ep: self.clone(),
+            serial,
+            lease,
+            areas,
+        })
+    }
+}
+
+impl QueueAreas {
+    /// The endpoint the areas belong to.
+    pub fn endpoint(&self) -> &EndpointHandle {
+        &self.ep
+    }
+
+    /// Whether an invalidation revoked the areas. Once true it stays true:
+    /// the device must reset the queue (and lease the areas again) to use
+    /// it.
+    pub fn is_revoked(&self) -> bool {
+        self.lease.is_closed()
+    }
+
+    /// The areas and their guest-physical ranges, as translated.
+    pub fn areas(&self) -> impl Iterator<Item = (AreaSpec, &[GpaRange])> {
+        self.areas.iter().map(|a| {
+            (
+                AreaSpec {
+                    iova: a.iova,
+                    len: a.last - a.iova + 1,
+                    access: a.access,
+                },
+                a.gpa.as_slice(),
+            )
+        })
+    }
+
+    /// Opens an access section; `None` once the areas are revoked. Keep
+    /// sections short and do not block in them (see the module
+    /// documentation).
+    pub fn enter(&self) -> Option<AreaGuard<'_>> {
+        self.lease.enter().then(|| AreaGuard { areas: self })
+    }
+
+    /// Opens an access section and returns guest memory as the device sees
+    /// it through the areas, backed by `phys` (guest-physical memory):
+    /// accesses inside an area use the cached translation, others are
+    /// pinned for their duration. `None` once the areas are revoked.
+    pub fn memory<'a, M: GuestMemoryBackend>(&'a self, phys: &'a M) -> Option<QueueMemory<'a, M>> {
+        Some(QueueMemory {
+            guard: self.enter()?,
+            phys,
+        })
+    }
+
+    /// The area holding all of `[iova, iova + len)` with `access`.
+    fn area_of(&self, iova: u64, len: u64, access: Permissions) -> Option<&CachedArea> {
+        let last = iova.checked_add(len.checked_sub(1)?)?;
+        self.areas
+            .iter()
+            .find(|a| a.iova <= iova && last <= a.last && a.access.allow(access))
+    }
+}
+
+impl Drop for QueueAreas {
+    fn drop(&mut self) {
+        self.ep.core.remove_area_record(self.serial);
+    }
+}
+
+/// An open access section of a [`QueueAreas`]; ends when dropped.
+pub struct AreaGuard<'a> {
+    areas: &'a QueueAreas,
+}
+
+impl fmt::Debug for AreaGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AreaGuard")
+            .field("endpoint", &self.areas.ep.id())
+            .finish()
+    }
+}
+
+impl Drop for AreaGuard<'_> {
+    fn drop(&mut self) {
+        EndpointCore::exit_lease(&self.areas.lease);
+    }
+}
+
+/// Guest memory as a device sees it through its queue areas, for the
+/// duration of one access section: a `vm_memory::GuestMemory`, so a
+/// `virtio_queue::Queue` can pop chains and add used entries through it.
+pub struct QueueMemory<'a, M: GuestMemoryBackend> {
+    guard: AreaGuard<'a>,
+    phys: &'a M,
+}
+
+impl<M: GuestMemoryBackend> fmt::Debug for QueueMemory<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueMemory")
+            .field("guard", &self.guard)
+            .finish()
+    }
+}
+
+fn iommu_error(addr: GuestAddress, count: usize, e: TranslateError) -> GuestMemoryError {
+    GuestMemoryError::IommuError(IommuError::CannotResolve {
+        iova_range: IovaRange {
+            base: addr,
+            length: count,
+        },
+        reason: e.to_string(),
+    })
+}
+
+impl<M: GuestMemoryBackend> GuestMemory for QueueMemory<'_, M> {
+    type PhysicalMemory = M;
+    type Bitmap = <M::R as GuestMemoryRegion>::B;
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let areas = self.guard.areas;
+        let len = count as u64;
+        if let Some(a) = areas.area_of(addr.0, len, access) {
+            return a
+                .pieces(addr.0, len)
+                .iter()
+                .all(|r| self.phys.check_range(GuestAddress(r.gpa), r.len as usize));
+        }
+        match areas.ep.translate(addr.0, len, access) {
+            Ok(ranges) => ranges.as_slice().iter().all(|r| {
+                usize::try_from(r.len).is_ok_and(|l| self.phys.check_range(GuestAddress(r.gpa), l))
+            }),
+            Err(_) => false,
+        }
+    }
+
+    fn get_slices<'b>(
+        &'b self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, MS<'b, M>>> {
+        let areas = self.guard.areas;
+        let mut it = QueueSlices {
+            phys: self.phys,
+            pieces: Pieces::default(),
+            current: None,
+            _pin: None,
+        };
+        if count == 0 {
+            return Ok(it);
+        }
+        let len = count as u64;
+        if let Some(a) = areas.area_of(addr.0, len, access) {
+            it.pieces = a.pieces(addr.0, len);
+            return Ok(it);
+        }
+        // Outside the areas (an indirect table): an ordinary pin for the
+        // duration of the access. A failure is reported as a fault.
+        let pin = areas
+            .ep
+            .pin(addr.0, len, access)
+            .map_err(|e| iommu_error(addr, count, e))?;
+        it.pieces = Pieces::from_ranges(pin.ranges());
+        it._pin = Some(pin);
+        Ok(it)
+    }
+}
+
+/// The slices of one [`QueueMemory`] access.
+pub struct QueueSlices<'b, M: GuestMemoryBackend> {
+    phys: &'b M,
+    pieces: Pieces,
+    current: Option<GuestMemoryBackendSliceIterator<'b, M>>,
+    /// Keeps an access outside the areas translated while it runs.
+    _pin: Option<Pin>,
+}
+
+impl<'b, M: GuestMemoryBackend> Iterator for QueueSlices<'b, M> {
+    type Item = GuestMemoryResult<VolatileSlice<'b, MS<'b, M>>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(cur) = self.current.as_mut() {
+                match cur.next() {
+                    Some(Ok(s)) => return Some(Ok(s)),
+                    Some(Err(e)) => {
+                        // No items after an error.
+                        self.current = None;
+                        self.pieces = Pieces::default();
+                        return Some(Err(e));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let r = self.pieces.next()?;
+            let Ok(len) = usize::try_from(r.len) else {
+                self.pieces = Pieces::default();
+                return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
+                    r.gpa,
+                ))));
+            };
+            self.current = Some(self.phys.get_slices(GuestAddress(r.gpa), len));
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend> FusedIterator for QueueSlices<'_, M> {}
+
+impl<'b, M: GuestMemoryBackend> GuestMemorySliceIterator<'b, MS<'b, M>> for QueueSlices<'b, M> {}
