@@ -51,10 +51,12 @@ pub struct Args {
     /// adapts between 50 µs and N to the guest's gaps between bursts (0:
     /// no polling, requests are served inline on the notifying vCPU).
     /// Default 10000. idle_poll=on|off: poll a quiet queue at SCHED_IDLE
-    /// priority (default off).
+    /// priority (default off). drain=off: UNSAFE control mode, reply to
+    /// UNMAP/DETACH/ATTACH without waiting for in-flight DMA and never
+    /// revoke cached ring translations, as upstream VMMs do (default on).
     #[arg(
         long,
-        value_name = "poll_us=N[,idle_poll=on|off]",
+        value_name = "poll_us=N[,idle_poll=on|off][,drain=on|off]",
         default_value = "poll_us=10000"
     )]
     pub iommu: String,
@@ -117,10 +119,30 @@ pub struct VmConfig {
     pub mem_prefault: bool,
     pub disks: Vec<DiskConfig>,
     pub serial: SerialMode,
-    /// Upper bound of the virtio-iommu polling window (`--iommu poll_us=`).
-    pub iommu_poll: std::time::Duration,
-    /// Poll a quiet queue at idle priority (`--iommu idle_poll=`).
-    pub iommu_idle_poll: bool,
+    /// `--iommu` options.
+    pub iommu: IommuOptions,
+}
+
+/// `--iommu` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IommuOptions {
+    /// Upper bound of the polling window (`poll_us=`).
+    pub poll: std::time::Duration,
+    /// Poll a quiet queue at idle priority (`idle_poll=`).
+    pub idle_poll: bool,
+    /// Invalidations wait for in-flight DMA (`drain=`, default on; off is
+    /// the unsafe upstream-like control mode).
+    pub drain: bool,
+}
+
+impl Default for IommuOptions {
+    fn default() -> Self {
+        IommuOptions {
+            poll: crate::virtio::iommu::DEFAULT_POLL,
+            idle_poll: false,
+            drain: true,
+        }
+    }
 }
 
 /// `--memory` options.
@@ -292,12 +314,10 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
-/// Parses `--iommu`: the polling window's upper bound and whether a quiet
-/// queue is polled at idle priority.
-pub fn parse_iommu(s: &str) -> Result<(std::time::Duration, bool), ConfigError> {
-    let mut poll = crate::virtio::iommu::DEFAULT_POLL;
-    let mut idle_poll = false;
-    for (k, v) in split_kv("iommu", s, &["poll_us", "idle_poll"])? {
+/// Parses `--iommu`.
+pub fn parse_iommu(s: &str) -> Result<IommuOptions, ConfigError> {
+    let mut o = IommuOptions::default();
+    for (k, v) in split_kv("iommu", s, &["poll_us", "idle_poll", "drain"])? {
         match k {
             "poll_us" => {
                 let us: u64 = v
@@ -305,13 +325,14 @@ pub fn parse_iommu(s: &str) -> Result<(std::time::Duration, bool), ConfigError> 
                     .ok()
                     .filter(|&n| n <= 1_000_000)
                     .ok_or_else(|| invalid("iommu", format!("poll_us={v:?}: 0..=1000000")))?;
-                poll = std::time::Duration::from_micros(us);
+                o.poll = std::time::Duration::from_micros(us);
             }
-            "idle_poll" => idle_poll = parse_on_off("iommu", k, v)?,
+            "idle_poll" => o.idle_poll = parse_on_off("iommu", k, v)?,
+            "drain" => o.drain = parse_on_off("iommu", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
     }
-    Ok((poll, idle_poll))
+    Ok(o)
 }
 
 /// Parses `--serial`.
@@ -356,7 +377,7 @@ impl VmConfig {
             return Err(invalid("cmdline", "contains a NUL byte"));
         }
         let memory = parse_memory(&args.memory)?;
-        let (iommu_poll, iommu_idle_poll) = parse_iommu(&args.iommu)?;
+        let iommu = parse_iommu(&args.iommu)?;
         Ok(VmConfig {
             kernel: args.kernel.clone(),
             initramfs: args.initramfs.clone(),
@@ -370,8 +391,7 @@ impl VmConfig {
                 .map(|d| parse_disk(d))
                 .collect::<Result<_, _>>()?,
             serial: parse_serial(&args.serial)?,
-            iommu_poll,
-            iommu_idle_poll,
+            iommu,
         })
     }
 
@@ -462,15 +482,25 @@ mod tests {
     #[test]
     fn iommu_poll_window() {
         use std::time::Duration;
-        assert_eq!(parse_iommu("poll_us=0"), Ok((Duration::ZERO, false)));
-        assert_eq!(
-            parse_iommu("poll_us=500"),
-            Ok((Duration::from_micros(500), false))
-        );
+        let o = |poll: Duration, idle_poll: bool, drain: bool| {
+            Ok(IommuOptions {
+                poll,
+                idle_poll,
+                drain,
+            })
+        };
+        assert_eq!(parse_iommu("poll_us=0"), o(Duration::ZERO, false, true));
+        let us500 = Duration::from_micros(500);
+        assert_eq!(parse_iommu("poll_us=500"), o(us500, false, true));
         assert_eq!(
             parse_iommu("poll_us=500,idle_poll=on"),
-            Ok((Duration::from_micros(500), true))
+            o(us500, true, true)
         );
+        assert_eq!(
+            parse_iommu("drain=off"),
+            o(crate::virtio::iommu::DEFAULT_POLL, false, false)
+        );
+        assert!(parse_iommu("drain=no").is_err());
         assert!(parse_iommu("idle_poll=maybe").is_err());
         assert!(parse_iommu("poll_us=-1").is_err());
         assert!(parse_iommu("poll_us=2000000").is_err());

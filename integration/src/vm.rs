@@ -222,13 +222,25 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
     let mut handles: Vec<Option<virtio_iommu::EndpointHandle>> =
         cfg.disks.iter().map(|_| None).collect();
     if cfg.disks.iter().any(|d| d.iommu) {
+        if !cfg.iommu.drain {
+            log::warn!(
+                "UNSAFE: --iommu drain=off: UNMAP, DETACH and ATTACH reply without waiting \
+                 for in-flight DMA and cached ring translations are never revoked; devices \
+                 can write guest memory the guest already took back (a control mode for \
+                 tests and measurements, never for real guests)"
+            );
+            eprintln!("vmm: WARNING: --iommu drain=off is unsafe (see the log)");
+        }
         let mut iommu = crate::virtio::iommu::Iommu::with_config(
             mem.clone(),
-            virtio_iommu::IommuConfig::default(),
-            cfg.iommu_poll,
+            virtio_iommu::IommuConfig {
+                drain: cfg.iommu.drain,
+                ..Default::default()
+            },
+            cfg.iommu.poll,
         )
         .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
-        iommu.set_idle_poll(cfg.iommu_idle_poll);
+        iommu.set_idle_poll(cfg.iommu.idle_poll);
         let mut endpoints = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             if d.iommu {

@@ -595,13 +595,20 @@ impl VirtioDevice for Iommu {
         }
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> bool {
+        // The event thread ends within one poll or epoll round; the crate's
+        // reset never waits for pins (reset_done polls their drain).
         self.stop_thread();
         let mut g = lock(&self.inner);
-        g.dev.reset();
+        let done = g.dev.reset();
         g.requests = None;
         g.events = None;
         g.interrupt = None;
+        done
+    }
+
+    fn reset_done(&mut self) -> bool {
+        !lock(&self.inner).dev.reset_pending()
     }
 }
 

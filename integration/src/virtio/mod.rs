@@ -68,6 +68,11 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_queue(&self, queue: u16);
     /// Signals a configuration change.
     fn signal_config(&self);
+    /// The device cannot go on without a reset (its ring was revoked):
+    /// the transport sets DEVICE_NEEDS_RESET in the device status and
+    /// signals a configuration change (virtio 1.2, 2.1.2). Never blocks:
+    /// the IOMMU calls it while it executes an invalidation.
+    fn needs_reset(&self);
 }
 
 /// Why activation failed (the transport sets NEEDS_RESET).
@@ -105,7 +110,16 @@ pub trait VirtioDevice: Send {
     /// thread that wrote the notify register.
     fn queue_notify(&mut self, _queue: u16) {}
     /// The driver reset the device (status 0): stop serving, forget the
-    /// queues, return to the pre-activation state. Returns once no worker
-    /// touches guest memory on the device's behalf any more.
-    fn reset(&mut self);
+    /// queues, return to the pre-activation state. Runs on a vCPU thread,
+    /// so it must not wait for I/O or for pins: it starts the reset and
+    /// returns whether it is already complete, i.e. no worker touches
+    /// guest memory on the device's behalf any more. If not, the
+    /// transport keeps the device status non-zero and polls
+    /// [`VirtioDevice::reset_done`] each time the driver reads it.
+    fn reset(&mut self) -> bool;
+    /// Whether a reset that [`VirtioDevice::reset`] left in progress has
+    /// completed (never blocks).
+    fn reset_done(&mut self) -> bool {
+        true
+    }
 }

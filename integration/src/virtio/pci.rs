@@ -118,6 +118,9 @@ pub struct PciInterrupt {
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
     isr: AtomicU8,
+    /// DEVICE_NEEDS_RESET raised by the device (see
+    /// [`VirtioInterrupt::needs_reset`]); cleared by a reset.
+    needs_reset: AtomicBool,
 }
 
 impl PciInterrupt {
@@ -149,6 +152,12 @@ impl VirtioInterrupt for PciInterrupt {
             self.msix.lock().unwrap().signal(v);
         }
     }
+
+    fn needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            self.signal_config();
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -172,6 +181,9 @@ struct State {
     queues: Vec<QueueState>,
     /// (queue, eventfd, address) for each registered ioeventfd.
     ioevents: Vec<(u16, EventFd, u64)>,
+    /// The driver wrote 0 and the device is still finishing its reset:
+    /// the status reads back its old value until then.
+    resetting: bool,
 }
 
 impl State {
@@ -192,6 +204,7 @@ impl State {
                 })
                 .collect(),
             ioevents: Vec::new(),
+            resetting: false,
         }
     }
 }
@@ -286,6 +299,7 @@ impl VirtioPciDevice {
                 .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
                 .collect(),
             isr: AtomicU8::new(0),
+            needs_reset: AtomicBool::new(false),
         });
         Ok(VirtioPciDevice {
             bdf,
@@ -308,7 +322,16 @@ impl VirtioPciDevice {
 
     /// The device status register (tests, diagnostics).
     pub fn device_status(&self) -> u8 {
-        self.state.lock().unwrap().status
+        let mut st = self.state.lock().unwrap();
+        self.poll_reset(&mut st);
+        self.status_of(&st)
+    }
+
+    /// The status as the driver reads it.
+    fn status_of(&self, st: &State) -> u8 {
+        let failed = st.status & status::DRIVER_OK != 0
+            && self.interrupt.needs_reset.load(Ordering::Acquire);
+        st.status | if failed { status::NEEDS_RESET } else { 0 }
     }
 
     fn bar0(&self) -> u64 {
@@ -337,7 +360,7 @@ impl VirtioPciDevice {
         let cv = self.interrupt.config_vector.load(Ordering::Acquire);
         put(common::MSIX, &cv.to_le_bytes());
         put(common::NUMQ, &(st.queues.len() as u16).to_le_bytes());
-        put(common::STATUS, &[st.status]);
+        put(common::STATUS, &[self.status_of(st)]);
         put(common::CFGGENERATION, &[st.config_generation]);
         put(common::Q_SELECT, &st.queue_select.to_le_bytes());
         let qi = usize::from(st.queue_select);
@@ -355,7 +378,8 @@ impl VirtioPciDevice {
     }
 
     fn common_read(&self, offset: u64, data: &mut [u8]) {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        self.poll_reset(&mut st);
         let b = self.common_bytes(&st);
         for (i, d) in data.iter_mut().enumerate() {
             *d = b.get(offset as usize + i).copied().unwrap_or(0);
@@ -364,6 +388,12 @@ impl VirtioPciDevice {
 
     fn common_write(&self, offset: u64, data: &[u8]) {
         let mut st = self.state.lock().unwrap();
+        self.poll_reset(&mut st);
+        if st.resetting {
+            // The driver must wait for the status to read 0 first.
+            log::debug!("{}: common config write while resetting: ignored", self.bdf);
+            return;
+        }
         let mut b = self.common_bytes(&st);
         let end = offset + data.len() as u64;
         if end > common::LEN {
@@ -523,10 +553,28 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The driver wrote 0 to the status: stop notifications now, start the
+    /// device's reset, and finish it at once or when the device is done
+    /// (the status reads its old value until then; the vCPU never waits).
     fn reset(&self, st: &mut State) {
         self.active.store(false, Ordering::Release);
-        self.device.lock().unwrap().reset();
         self.unregister_ioevents(st);
+        if self.device.lock().unwrap().reset() {
+            self.finish_reset(st);
+        } else {
+            st.resetting = true;
+        }
+    }
+
+    /// Completes a reset left in progress if the device is done.
+    fn poll_reset(&self, st: &mut State) {
+        if st.resetting && self.device.lock().unwrap().reset_done() {
+            self.finish_reset(st);
+        }
+    }
+
+    /// Returns the registers to their reset values.
+    fn finish_reset(&self, st: &mut State) {
         let max: Vec<u16> = st.queues.iter().map(|q| q.max).collect();
         let generation = st.config_generation;
         *st = State::new(&max);
@@ -538,6 +586,7 @@ impl VirtioPciDevice {
             v.store(VIRTIO_MSI_NO_VECTOR, Ordering::Release);
         }
         self.interrupt.isr.store(0, Ordering::Release);
+        self.interrupt.needs_reset.store(false, Ordering::Release);
     }
 
     fn notify(&self, queue: u16) {
@@ -654,6 +703,8 @@ mod tests {
         activated: Vec<(u16, u16, u64, u64, u64, bool, bool)>,
         notified: Vec<u16>,
         resets: u32,
+        /// `reset_done` answers false this many more times.
+        reset_busy: u32,
         interrupt: Option<Arc<dyn VirtioInterrupt>>,
     }
 
@@ -713,8 +764,15 @@ mod tests {
         fn queue_notify(&mut self, queue: u16) {
             self.log.lock().unwrap().notified.push(queue);
         }
-        fn reset(&mut self) {
-            self.log.lock().unwrap().resets += 1;
+        fn reset(&mut self) -> bool {
+            let mut l = self.log.lock().unwrap();
+            l.resets += 1;
+            l.reset_busy == 0
+        }
+        fn reset_done(&mut self) -> bool {
+            let mut l = self.log.lock().unwrap();
+            l.reset_busy = l.reset_busy.saturating_sub(1);
+            l.reset_busy == 0
         }
     }
 
@@ -956,6 +1014,47 @@ mod tests {
             vec![1],
             "inactive after reset"
         );
+    }
+
+    #[test]
+    fn a_slow_reset_reads_back_non_zero_until_the_device_is_done() {
+        let (d, log) = dev(NotifyMode::Inline, false);
+        negotiate(&d, VIRTIO_F_VERSION_1);
+        setup_queue(&d, 0, 8, 0x10_0000);
+        w8(&d, common::STATUS, ALL_OK);
+        // Busy for four polls (every common-config access polls).
+        log.lock().unwrap().reset_busy = 4;
+        w8(&d, common::STATUS, 0);
+        // The vCPU was not held: the status says the reset is running.
+        assert_eq!(r8(&d, common::STATUS), ALL_OK);
+        // Writes while resetting are ignored; notifies are already off.
+        w8(&d, common::STATUS, status::ACKNOWLEDGE);
+        w16(&d, NOTIFY_OFFSET, 0);
+        assert!(log.lock().unwrap().notified.is_empty());
+        assert_eq!(r8(&d, common::STATUS), ALL_OK);
+        assert_eq!(r8(&d, common::STATUS), 0, "done on the fourth poll");
+        assert_eq!(log.lock().unwrap().resets, 1);
+        w16(&d, common::Q_SELECT, 0);
+        assert_eq!(r16(&d, common::Q_ENABLE), 0);
+    }
+
+    #[test]
+    fn needs_reset_sets_the_status_bit_and_signals_config_until_reset() {
+        let (d, log) = dev(NotifyMode::Inline, false);
+        negotiate(&d, VIRTIO_F_VERSION_1);
+        setup_queue(&d, 0, 8, 0x10_0000);
+        w8(&d, common::STATUS, ALL_OK);
+        let irq = log.lock().unwrap().interrupt.clone().unwrap();
+        irq.needs_reset();
+        irq.needs_reset();
+        assert_eq!(r8(&d, common::STATUS), ALL_OK | status::NEEDS_RESET);
+        assert_eq!(r8(&d, ISR_OFFSET) & ISR_CONFIG, ISR_CONFIG);
+        w8(&d, common::STATUS, 0);
+        assert_eq!(r8(&d, common::STATUS), 0);
+        negotiate(&d, VIRTIO_F_VERSION_1);
+        setup_queue(&d, 0, 8, 0x10_0000);
+        w8(&d, common::STATUS, ALL_OK);
+        assert_eq!(r8(&d, common::STATUS), ALL_OK, "cleared by the reset");
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! The disk behind a virtio-blk device: a raw image file, and the
+//! execution of parsed requests against it with blocking `preadv`,
+//! `pwritev` and `fdatasync` straight into (pinned) guest memory. Fault
+//! injection for tests (`delay_us`, `fail_every`) lives here too.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::request::{
+    Geometry, HostBuf, Kind, Request, SECTOR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use crate::cli::DiskConfig;
+
+/// Length of the GET_ID string.
+pub const ID_LEN: usize = 20;
+/// `preadv`/`pwritev` take at most this many iovecs at once.
+const MAX_IOVECS: usize = 1024;
+
+/// The image and settings that do not change while the device runs, and
+/// the counters the device and its stall report share.
+pub struct Backend {
+    file: File,
+    /// Capacity in bytes (whole sectors).
+    pub capacity: u64,
+    /// Writes are refused.
+    pub readonly: bool,
+    id: [u8; ID_LEN],
+    delay: Duration,
+    fail_every: u64,
+    requests: AtomicU64,
+    /// Used-ring writes that failed (ring unmapped by the guest).
+    pub ring_errors: AtomicU64,
+    /// Chains returned unused because they could not be parsed.
+    pub parse_errors: AtomicU64,
+    /// Requests handed to the workers and not yet completed.
+    pub in_flight: AtomicU64,
+    /// Whether the last completion asked for an interrupt (stall report).
+    pub last_signalled: AtomicBool,
+    /// Interrupts sent for completions.
+    pub interrupts: AtomicU64,
+}
+
+impl Backend {
+    /// Opens `cfg.path`.
+    pub fn open(cfg: &DiskConfig) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.readonly)
+            .open(&cfg.path)?;
+        let len = file.metadata()?.len();
+        let mut id = [0u8; ID_LEN];
+        let name = cfg
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let n = name.len().min(ID_LEN);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Backend {
+            file,
+            capacity: len / SECTOR * SECTOR,
+            readonly: cfg.readonly,
+            id,
+            delay: Duration::from_micros(cfg.delay_us),
+            fail_every: cfg.fail_every,
+            requests: AtomicU64::new(0),
+            ring_errors: AtomicU64::new(0),
+            parse_errors: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_signalled: AtomicBool::new(false),
+            interrupts: AtomicU64::new(0),
+        })
+    }
+
+    /// What request parsing needs to know.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            capacity: self.capacity,
+            readonly: self.readonly,
+        }
+    }
+
+    /// Runs `req`'s I/O (after the injected delay, unless cancelled);
+    /// returns the status byte and the bytes written into the guest.
+    pub fn execute(&self, req: &Request) -> (u8, u64) {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(s) = req.early_status {
+            return (s, 0);
+        }
+        if !self.delay.is_zero() {
+            req.cancel.sleep(self.delay);
+        }
+        if req.cancel.is_cancelled() || (self.fail_every > 0 && n.is_multiple_of(self.fail_every)) {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        // The parser checked that the range is inside the disk.
+        let offset = req.sector * SECTOR;
+        match req.kind {
+            Kind::In => match rw(&self.file, &req.data, offset, false) {
+                Ok(()) => (VIRTIO_BLK_S_OK, req.data_len),
+                Err(e) => {
+                    log::warn!("virtio-blk: read at sector {}: {e}", req.sector);
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            },
+            Kind::Out => match rw(&self.file, &req.data, offset, true) {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    log::warn!("virtio-blk: write at sector {}: {e}", req.sector);
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            },
+            Kind::Flush => match self.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            },
+            Kind::GetId => (VIRTIO_BLK_S_OK, copy_to_bufs(&self.id, &req.data) as u64),
+            Kind::Unsupported => (VIRTIO_BLK_S_UNSUPP, 0),
+        }
+    }
+}
+
+/// Copies `src` into the buffers; returns the bytes copied.
+pub fn copy_to_bufs(src: &[u8], bufs: &[HostBuf]) -> usize {
+    let mut done = 0;
+    for b in bufs {
+        if done == src.len() {
+            break;
+        }
+        let n = b.len.min(src.len() - done);
+        // SAFETY: `b` covers `b.len` bytes of pinned guest memory (see
+        // HostBuf); `src` is a separate host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), b.ptr, n) };
+        done += n;
+    }
+    done
+}
+
+/// Reads (`write == false`) or writes the whole of `bufs` at `offset`.
+pub fn rw(file: &File, bufs: &[HostBuf], mut offset: u64, write: bool) -> std::io::Result<()> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.ptr.cast(),
+            iov_len: b.len,
+        })
+        .collect();
+    let mut start = 0;
+    while start < iov.len() {
+        let end = (start + MAX_IOVECS).min(iov.len());
+        let chunk = &iov[start..end];
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: every iovec covers pinned guest memory that stays mapped
+        // (see HostBuf); the kernel only accesses those bytes.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), chunk.as_ptr(), chunk.len() as i32, off)
+            } else {
+                libc::preadv(file.as_raw_fd(), chunk.as_ptr(), chunk.len() as i32, off)
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        offset += n as u64;
+        // Skip what was transferred, trimming a partly done iovec.
+        let mut n = n as usize;
+        while n > 0 && start < iov.len() {
+            if n >= iov[start].iov_len {
+                n -= iov[start].iov_len;
+                start += 1;
+            } else {
+                // SAFETY: advancing within the same buffer.
+                iov[start].iov_base = unsafe { iov[start].iov_base.cast::<u8>().add(n) }.cast();
+                iov[start].iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rw_handles_many_buffers() {
+        let dir = std::env::temp_dir().join(format!("vmm-blk-{}", std::process::id()));
+        std::fs::write(&dir, vec![0u8; 8192]).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dir)
+            .unwrap();
+        let mut src: Vec<Vec<u8>> = (0..2000u32).map(|i| vec![i as u8; 2]).collect();
+        let bufs: Vec<HostBuf> = src
+            .iter_mut()
+            .map(|v| HostBuf {
+                ptr: v.as_mut_ptr(),
+                len: v.len(),
+            })
+            .collect();
+        rw(&f, &bufs, 512, true).unwrap();
+        let mut dst = vec![0u8; 4000];
+        let one = [HostBuf {
+            ptr: dst.as_mut_ptr(),
+            len: dst.len(),
+        }];
+        rw(&f, &one, 512, false).unwrap();
+        for i in 0..2000usize {
+            assert_eq!(&dst[2 * i..2 * i + 2], &[i as u8; 2]);
+        }
+        let mut big = vec![0u8; 9000];
+        let past = [HostBuf {
+            ptr: big.as_mut_ptr(),
+            len: big.len(),
+        }];
+        assert!(rw(&f, &past, 0, false).is_err(), "EOF is an error");
+        std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn copy_to_bufs_spans_buffers() {
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 30];
+        let bufs = [
+            HostBuf {
+                ptr: a.as_mut_ptr(),
+                len: 3,
+            },
+            HostBuf {
+                ptr: b.as_mut_ptr(),
+                len: 30,
+            },
+        ];
+        assert_eq!(copy_to_bufs(b"abcdefghij0123456789", &bufs), 20);
+        assert_eq!(&a, b"abc");
+        assert_eq!(&b[..17], b"defghij0123456789");
+    }
+}
