@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use crate::disks::{self, Disk, RESERVED_BYTES};
 use crate::vfio::bind_vfio_pci;
 use crate::virtio::{
-    HugeBuf, VirtioBlk, HUGE_PAGE, SCRATCH_LEN, SCRATCH_OFF, STATUS_UNTOUCHED, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    HugeBuf, VirtioBlk, HUGE_PAGE, RINGS_LEN, SCRATCH_LEN, SCRATCH_OFF, STATUS_NEEDS_RESET,
+    STATUS_UNTOUCHED, USED_OFF, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use crate::{os_err, phase, say, write_file, Params, Res};
 
@@ -19,6 +19,9 @@ const PAGE: usize = 4096;
 /// IOVA of the ring page and of the data buffers used over VFIO.
 const RING_IOVA: u64 = 0x4000_0000;
 const DATA_IOVA: u64 = 0x8000_0000;
+/// Headers, status bytes and scratch space when the rings are mapped on
+/// their own (dma-race ring).
+const BUFS_IOVA: u64 = 0xc000_0000;
 const CANARY: u8 = 0xa5;
 
 /// splitmix64: small, good enough, no dependency.
@@ -359,11 +362,14 @@ struct RaceStats {
     rounds: u64,
     violations: u64,
     inflight_at_unmap: u64,
+    /// Time of the invalidating step: the UNMAP, the close, or the reset.
     unmap_us: Vec<u64>,
     status_ok: u64,
     status_err: u64,
     status_untouched: u64,
     changed_max: usize,
+    /// Rounds after which the device status had DEVICE_NEEDS_RESET (ring).
+    needs_reset: Option<u64>,
 }
 
 impl RaceStats {
@@ -375,8 +381,17 @@ impl RaceStats {
         } else {
             (v[0], v[v.len() / 2], v[v.len() - 1])
         };
+        let what = if variant == "reset" {
+            "reset_us"
+        } else {
+            "unmap_us"
+        };
+        let needs_reset = self
+            .needs_reset
+            .map(|n| format!(" needs_reset={n}"))
+            .unwrap_or_default();
         format!(
-            "dma-race {variant}: rounds={} violations={} unmap_us min/median/max={min}/{med}/{max}",
+            "dma-race {variant}: rounds={} violations={}{needs_reset} {what} min/median/max={min}/{med}/{max}",
             self.rounds, self.violations
         )
     }
@@ -398,6 +413,8 @@ impl RaceStats {
 struct RaceCfg {
     rounds: u64,
     detach_rounds: u64,
+    ring_rounds: u64,
+    reset_rounds: u64,
     race_len: usize,
     filler_len: usize,
     pause: Duration,
@@ -420,13 +437,8 @@ fn start_race(dev: &mut VirtioBlk, cfg: &RaceCfg, data: &HugeBuf, n: u64) -> Res
     let (fo, ro) = race_offsets(cfg, n);
     data.fill(0, cfg.race_len, 0x3c);
     dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
-    dev.push(
-        0,
-        VIRTIO_BLK_T_IN,
-        fo / 512,
-        RING_IOVA + SCRATCH_OFF as u64,
-        cfg.filler_len as u32,
-    );
+    let scratch = dev.iova_of(SCRATCH_OFF);
+    dev.push(0, VIRTIO_BLK_T_IN, fo / 512, scratch, cfg.filler_len as u32);
     dev.push(1, VIRTIO_BLK_T_IN, ro / 512, DATA_IOVA, cfg.race_len as u32);
     dev.notify()?;
     std::thread::sleep(cfg.pause);
@@ -509,6 +521,101 @@ fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Re
     Ok(st)
 }
 
+/// The rings in a mapping of their own, the request's header, status and
+/// data in others; a READ in flight; the rings' mapping goes. After the
+/// UNMAP returned, the guest owns the rings' page again: any byte of the
+/// used ring that changes is a violation. The device should stop the
+/// queue (DEVICE_NEEDS_RESET); the driver resets it and starts over on
+/// freshly mapped rings.
+fn race_ring(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+    let mut dev = VirtioBlk::open_split(bdf, RING_IOVA, BUFS_IOVA)?;
+    let mut st = RaceStats {
+        needs_reset: Some(0),
+        ..Default::default()
+    };
+    for r in 0..cfg.ring_rounds {
+        phase("dma-race ring: round", r);
+        let done = start_race(&mut dev, cfg, data, first_round + r)?;
+        if !done.contains(&1) {
+            st.inflight_at_unmap += 1;
+        }
+        let t = Instant::now();
+        let n = dev.unmap_rings()?;
+        st.unmap_us.push(t.elapsed().as_micros() as u64);
+        if n != RINGS_LEN as u64 {
+            return Err(format!(
+                "UNMAP_DMA unmapped {n} bytes, expected {RINGS_LEN}"
+            ));
+        }
+        let used_len = dev.used_ring_len();
+        dev.ring.fill(USED_OFF, used_len, CANARY);
+        // Longer than the READs take: a device that still publishes their
+        // used entries does so in this window.
+        std::thread::sleep(cfg.settle);
+        let changed = dev.ring.count_not(USED_OFF, used_len, CANARY);
+        if changed > 0 {
+            st.violations += 1;
+        }
+        st.changed_max = st.changed_max.max(changed);
+        if dev.status()? & STATUS_NEEDS_RESET != 0 {
+            st.needs_reset = st.needs_reset.map(|n| n + 1);
+        }
+        st.count_status(dev.slot_status(1));
+        // The data buffer's mapping goes too (after its READ), then the
+        // driver recovers: reset, rings mapped again, queue set up anew.
+        phase("dma-race ring: recover", r);
+        dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
+        dev.remap_rings_and_init()?;
+        st.rounds += 1;
+        if st.rounds % 50 == 0 {
+            say(&format!(
+                "dma-race-progress ring: rounds={} violations={}",
+                st.rounds, st.violations
+            ));
+        }
+    }
+    dev.reset()?;
+    Ok(st)
+}
+
+/// A READ in flight; the driver resets the device and waits for the
+/// status to read 0; then it unmaps and reuses the buffer. Any byte the
+/// device writes after that is a violation: a reset must complete only
+/// after the DMA it abandons.
+fn race_reset(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+    let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
+    let mut st = RaceStats::default();
+    for r in 0..cfg.reset_rounds {
+        phase("dma-race reset: round", r);
+        let done = start_race(&mut dev, cfg, data, first_round + r)?;
+        if !done.contains(&1) {
+            st.inflight_at_unmap += 1;
+        }
+        let t = Instant::now();
+        dev.reset()?;
+        st.unmap_us.push(t.elapsed().as_micros() as u64);
+        dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
+        data.fill(0, cfg.race_len, CANARY);
+        std::thread::sleep(cfg.settle);
+        let changed = data.count_not(0, cfg.race_len, CANARY);
+        if changed > 0 {
+            st.violations += 1;
+        }
+        st.changed_max = st.changed_max.max(changed);
+        st.count_status(dev.slot_status(1));
+        dev.init()?;
+        st.rounds += 1;
+        if st.rounds % 50 == 0 {
+            say(&format!(
+                "dma-race-progress reset: rounds={} violations={}",
+                st.rounds, st.violations
+            ));
+        }
+    }
+    dev.reset()?;
+    Ok(st)
+}
+
 pub fn dma_race(p: &Params) -> Res<String> {
     let disks = disks::discover(p.num("ndisks", 0) as usize)?;
     let disk = match p.get("race_disk") {
@@ -524,6 +631,8 @@ pub fn dma_race(p: &Params) -> Res<String> {
     let cfg = RaceCfg {
         rounds,
         detach_rounds: p.num("detach_rounds", rounds),
+        ring_rounds: p.num("ring_rounds", rounds),
+        reset_rounds: p.num("reset_rounds", rounds),
         race_len: (p.num("race_kib", 1024) as usize * 1024).clamp(PAGE, 2 * MIB as usize),
         filler_len: (p.num("filler_kib", 1024) as usize * 1024).clamp(PAGE, SCRATCH_LEN),
         pause: Duration::from_millis(p.num("pause_ms", 20)),
@@ -543,6 +652,8 @@ pub fn dma_race(p: &Params) -> Res<String> {
         let st = match v {
             "unmap" => race_unmap(&disk.bdf, &cfg, &data, first)?,
             "detach" => race_detach(&disk.bdf, &cfg, &data, first)?,
+            "ring" => race_ring(&disk.bdf, &cfg, &data, first)?,
+            "reset" => race_reset(&disk.bdf, &cfg, &data, first)?,
             other => return Err(format!("unknown dma-race variant {other:?}")),
         };
         say(&st.summary(v));
@@ -774,6 +885,8 @@ mod tests {
         let cfg = RaceCfg {
             rounds: 4,
             detach_rounds: 4,
+            ring_rounds: 4,
+            reset_rounds: 4,
             race_len: 1 << 20,
             filler_len: 1 << 20,
             pause: Duration::ZERO,

@@ -44,6 +44,8 @@ const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
+/// DEVICE_NEEDS_RESET: the device hit an error it cannot recover from.
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
 const STATUS_FAILED: u8 = 0x80;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -60,10 +62,14 @@ pub const STATUS_UNTOUCHED: u8 = 0xee;
 
 /// Queue size used by the driver (capped by the device maximum).
 const QUEUE_SIZE: u16 = 64;
-/// Layout of the ring huge page (offsets within it).
+/// Layout of the ring huge page (offsets within it): the three rings in
+/// the first three pages, then headers, status bytes and scratch space.
 const DESC_OFF: usize = 0x0000;
 const AVAIL_OFF: usize = 0x1000;
-const USED_OFF: usize = 0x2000;
+pub const USED_OFF: usize = 0x2000;
+/// End of the rings: with a split layout, `[0, RINGS_LEN)` is mapped on
+/// its own and the rest of the page in a second mapping.
+pub const RINGS_LEN: usize = 0x3000;
 const HDR_OFF: usize = 0x3000;
 const STATUS_OFF: usize = 0x3800;
 /// Scratch buffer inside the ring page (1 MiB, e.g. for filler READs).
@@ -226,8 +232,15 @@ pub struct VirtioBlk {
     pub qsize: u16,
     next_avail: u16,
     last_used: u16,
+    /// Offset of the notify register in its BAR before the queue's
+    /// notify offset is applied (re-initialisation starts from it).
+    notify_base: u64,
+    notify_mult: u32,
     pub ring: HugeBuf,
     pub ring_iova: u64,
+    /// IOVA of offset 0 of the ring page as seen through the buffers'
+    /// mapping: the same as `ring_iova` unless the layout is split.
+    pub bufs_iova: u64,
     pub mmapped_bars: usize,
     // Keep last: dropped after the BAR mappings.
     pub sess: VfioSession,
@@ -237,6 +250,19 @@ impl VirtioBlk {
     /// Opens the device, maps the ring page at `ring_iova`, negotiates
     /// VERSION_1 + ACCESS_PLATFORM and sets up queue 0.
     pub fn open(bdf: &str, ring_iova: u64) -> Res<Self> {
+        Self::open_layout(bdf, ring_iova, ring_iova)
+    }
+
+    /// Like [`Self::open`], with the rings in a mapping of their own at
+    /// `ring_iova` and the headers, status bytes and scratch space in a
+    /// second one, at `bufs_iova + offset` (so an UNMAP of the rings
+    /// leaves every request buffer mapped).
+    pub fn open_split(bdf: &str, ring_iova: u64, bufs_iova: u64) -> Res<Self> {
+        assert_ne!(ring_iova, bufs_iova);
+        Self::open_layout(bdf, ring_iova, bufs_iova)
+    }
+
+    fn open_layout(bdf: &str, ring_iova: u64, bufs_iova: u64) -> Res<Self> {
         let sess = VfioSession::open(bdf)?;
         let cmd = sess.cfg_read16(PCI_COMMAND)?;
         sess.cfg_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)?;
@@ -256,22 +282,65 @@ impl VirtioBlk {
             }
         }
         let ring = HugeBuf::new(HUGE_PAGE)?;
-        sess.map_dma(ring.ptr, ring_iova, ring.len as u64)?;
+        if bufs_iova == ring_iova {
+            sess.map_dma(ring.ptr, ring_iova, ring.len as u64)?;
+        } else {
+            sess.map_dma(ring.ptr, ring_iova, RINGS_LEN as u64)?;
+            // SAFETY: RINGS_LEN is inside the huge page.
+            let rest = unsafe { ring.ptr.add(RINGS_LEN) };
+            sess.map_dma(
+                rest,
+                bufs_iova + RINGS_LEN as u64,
+                (ring.len - RINGS_LEN) as u64,
+            )?;
+        }
         let mut dev = Self {
             bars,
             common,
             device_cfg,
+            notify_base: notify_addr.offset,
+            notify_mult,
             notify_addr,
             qsize: 0,
             next_avail: 0,
             last_used: 0,
             ring,
             ring_iova,
+            bufs_iova,
             mmapped_bars,
             sess,
         };
-        dev.init(notify_mult)?;
+        dev.init()?;
         Ok(dev)
+    }
+
+    /// The IOVA of offset `off` of the ring page.
+    pub fn iova_of(&self, off: usize) -> u64 {
+        if off < RINGS_LEN {
+            self.ring_iova + off as u64
+        } else {
+            self.bufs_iova + off as u64
+        }
+    }
+
+    /// Unmaps the rings' mapping (split layout); returns the bytes
+    /// unmapped.
+    pub fn unmap_rings(&self) -> Res<u64> {
+        self.sess.unmap_dma(self.ring_iova, RINGS_LEN as u64)
+    }
+
+    /// Maps the rings again after [`Self::unmap_rings`] and re-initialises
+    /// the device (reset, negotiation, fresh queue).
+    pub fn remap_rings_and_init(&mut self) -> Res<()> {
+        self.reset()?;
+        self.sess
+            .map_dma(self.ring.ptr, self.ring_iova, RINGS_LEN as u64)?;
+        self.init()
+    }
+
+    /// Size of the used ring in bytes (flags, idx, entries, avail_event).
+    pub fn used_ring_len(&self) -> usize {
+        6 + 8 * self.qsize as usize
     }
 
     fn bar_rw(&self, loc: CapLoc, off: u64, buf: &mut [u8], write: bool) -> Res<()> {
@@ -352,7 +421,8 @@ impl VirtioBlk {
         self.w32(loc, off + 4, (v >> 32) as u32)
     }
 
-    fn status(&self) -> Res<u8> {
+    /// The device status register.
+    pub fn status(&self) -> Res<u8> {
         self.r8(self.common, CC_DEVICE_STATUS)
     }
 
@@ -373,7 +443,9 @@ impl VirtioBlk {
         Ok(())
     }
 
-    fn init(&mut self, notify_mult: u32) -> Res<()> {
+    /// Resets the device and sets it up from scratch: negotiation, queue 0
+    /// on a zeroed ring, DRIVER_OK.
+    pub fn init(&mut self) -> Res<()> {
         let c = self.common;
         self.reset()?;
         self.set_status(STATUS_ACKNOWLEDGE)?;
@@ -416,11 +488,11 @@ impl VirtioBlk {
         self.w16(c, CC_QUEUE_SIZE, qsize)?;
         self.w16(c, CC_QUEUE_MSIX_VECTOR, VIRTIO_MSI_NO_VECTOR)?;
         self.ring.fill(0, SCRATCH_OFF, 0);
-        self.w64(c, CC_QUEUE_DESC, self.ring_iova + DESC_OFF as u64)?;
-        self.w64(c, CC_QUEUE_DRIVER, self.ring_iova + AVAIL_OFF as u64)?;
-        self.w64(c, CC_QUEUE_DEVICE, self.ring_iova + USED_OFF as u64)?;
+        self.w64(c, CC_QUEUE_DESC, self.iova_of(DESC_OFF))?;
+        self.w64(c, CC_QUEUE_DRIVER, self.iova_of(AVAIL_OFF))?;
+        self.w64(c, CC_QUEUE_DEVICE, self.iova_of(USED_OFF))?;
         let notify_off = self.r16(c, CC_QUEUE_NOTIFY_OFF)?;
-        self.notify_addr.offset += notify_off as u64 * notify_mult as u64;
+        self.notify_addr.offset = self.notify_base + notify_off as u64 * self.notify_mult as u64;
         self.w16(c, CC_QUEUE_ENABLE, 1)?;
         self.set_status(s | STATUS_DRIVER_OK)?;
         if self.status()? & STATUS_FAILED != 0 {
@@ -465,10 +537,10 @@ impl VirtioBlk {
             0
         };
         let descs: [(u64, u32, u16); 3] = [
-            (self.ring_iova + hdr as u64, 16, VRING_DESC_F_NEXT),
+            (self.iova_of(hdr), 16, VRING_DESC_F_NEXT),
             (data_iova, len, VRING_DESC_F_NEXT | data_flags),
             (
-                self.ring_iova + (STATUS_OFF + slot as usize) as u64,
+                self.iova_of(STATUS_OFF + slot as usize),
                 1,
                 VRING_DESC_F_WRITE,
             ),

@@ -247,6 +247,9 @@ pub struct Scenario {
     pub repeat: u32,
     /// Limit of one VMM run when `repeat` > 1.
     pub run_timeout: Duration,
+    /// Extra arguments for the VMM under test in this scenario (before
+    /// those of [`VMM_EXTRA_ARGS`]), e.g. `--iommu drain=off`.
+    pub vmm_args: Vec<String>,
 }
 
 impl Scenario {
@@ -260,6 +263,7 @@ impl Scenario {
             timeout: Duration::from_secs(120),
             repeat: 1,
             run_timeout: Duration::from_secs(60),
+            vmm_args: Vec::new(),
         }
     }
 
@@ -627,6 +631,7 @@ impl Bed {
             a.extend(disks.iter().cloned());
         }
         a.extend(["--serial", "tty", "--console", "off"].map(String::from));
+        a.extend(s.vmm_args.iter().cloned());
         a.extend(
             std::env::var(VMM_EXTRA_ARGS)
                 .unwrap_or_default()
@@ -1125,12 +1130,16 @@ fn run_qemu(
     Ok((lines, elapsed, timed_out))
 }
 
-/// Parses `dma-race <variant>: rounds=N violations=M unmap_us min/median/max=a/b/c`.
+/// Parses `dma-race <variant>: rounds=N violations=M [needs_reset=K]
+/// unmap_us|reset_us min/median/max=a/b/c`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaceSummary {
     pub variant: String,
     pub rounds: u64,
     pub violations: u64,
+    /// Rounds after which the device reported DEVICE_NEEDS_RESET (ring).
+    pub needs_reset: Option<u64>,
+    /// Time of the invalidating step (UNMAP, close, or reset), µs.
     pub unmap_us: (u64, u64, u64),
 }
 
@@ -1148,6 +1157,7 @@ impl RaceSummary {
             variant: variant.to_string(),
             rounds: kv.get("rounds")?.parse().ok()?,
             violations: kv.get("violations")?.parse().ok()?,
+            needs_reset: kv.get("needs_reset").and_then(|v| v.parse().ok()),
             unmap_us,
         })
     }
@@ -1291,7 +1301,18 @@ mod tests {
         assert_eq!(s.variant, "unmap");
         assert_eq!(s.rounds, 16);
         assert_eq!(s.violations, 3);
+        assert_eq!(s.needs_reset, None);
         assert_eq!(s.unmap_us, (10, 20, 30));
+        let r = RaceSummary::parse(
+            "dma-race ring: rounds=5 violations=0 needs_reset=5 unmap_us min/median/max=1/2/3",
+        )
+        .unwrap();
+        assert_eq!((r.variant.as_str(), r.needs_reset), ("ring", Some(5)));
+        let r = RaceSummary::parse(
+            "dma-race reset: rounds=4 violations=0 reset_us min/median/max=7/8/9",
+        )
+        .unwrap();
+        assert_eq!(r.unmap_us, (7, 8, 9));
     }
 
     #[test]

@@ -1,7 +1,15 @@
-//! dma-race: a READ is in flight (slowed by a throttled backing disk) while
-//! the guest UNMAPs (variant `unmap`) or detaches (variant `detach`) its
-//! buffer; the device must not write into the buffer after the UNMAP or
-//! DETACH has completed.
+//! dma-race: a READ is in flight (slowed by a throttled backing disk, or
+//! by the reference VMM's injected delay) while the guest takes memory
+//! back from the device; the device must not touch that memory after the
+//! guest's operation returned. Variants (one L2 boot runs them all):
+//!
+//! - `unmap`: UNMAP of the READ's buffer;
+//! - `detach`: closing the VFIO container (DETACH) under the READ;
+//! - `ring`: UNMAP of the virtqueue rings' own mapping (the request's
+//!   header, status and data stay mapped); the used ring is canaried, and
+//!   the device should stop the queue with DEVICE_NEEDS_RESET;
+//! - `reset`: device reset (status 0, then the status reads 0) under the
+//!   READ, then UNMAP of its buffer.
 //!
 //! `VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS=1` inverts the check for the `unmap`
 //! variant: a bed self-test against a VMM known to reply without draining.
@@ -10,24 +18,47 @@
 //! reference VMM's fault injection (`--disk ...,delay_us=N`): every READ
 //! stays in flight N µs, so rounds are short and the UNMAP latency must
 //! cover what is left of the delay after the pause (the drain waited).
-//! `VIRTIO_IOMMU_TEST_RACE_DETACH_ROUNDS` (default: the same as rounds)
-//! and `VIRTIO_IOMMU_TEST_RACE_SETTLE_MS` (1500) tune the detach variant.
+//! Rounds: `VIRTIO_IOMMU_TEST_RACE_ROUNDS` (unmap, default 12) and
+//! `..._DETACH_ROUNDS`, `..._RING_ROUNDS`, `..._RESET_ROUNDS` (default: the
+//! same); `VIRTIO_IOMMU_TEST_RACE_SETTLE_MS` (1500) is how long the agent
+//! watches a canary; `VIRTIO_IOMMU_TEST_RACE_EXPECT_NEEDS_RESET=1` also
+//! requires DEVICE_NEEDS_RESET after every ring round.
+//!
+//! `dma_race_drain_off_control` runs the reference VMM with `--iommu
+//! drain=off` (replies without waiting, rings never revoked: what upstream
+//! VMMs do) and requires the `unmap` and `ring` variants to report
+//! violations: the suite shows it can fail. Rounds: `VIRTIO_IOMMU_TEST_RACE_CONTROL_ROUNDS`
+//! (default 10).
 
-use guest_tests::{bed_or_skip, env_num, report_timing, DiskSpec, RaceSummary, Route, Scenario};
+use guest_tests::{
+    bed_or_skip, env_num, report_timing, Bed, DiskSpec, Outcome, RaceSummary, Route, Scenario,
+    VMM_ENV,
+};
 use std::time::Duration;
 
-#[test]
-fn dma_race() {
-    let Some(bed) = bed_or_skip("dma_race") else {
-        return;
-    };
-    let rounds = env_num("VIRTIO_IOMMU_TEST_RACE_ROUNDS", 12);
-    let detach_rounds = env_num("VIRTIO_IOMMU_TEST_RACE_DETACH_ROUNDS", rounds);
+const VARIANTS: [&str; 4] = ["unmap", "detach", "ring", "reset"];
+
+struct Rounds {
+    unmap: u64,
+    detach: u64,
+    ring: u64,
+    reset: u64,
+}
+
+impl Rounds {
+    fn of(&self, variant: &str) -> u64 {
+        match variant {
+            "unmap" => self.unmap,
+            "detach" => self.detach,
+            "ring" => self.ring,
+            _ => self.reset,
+        }
+    }
+}
+
+/// The race scenario for `variants` with `rounds`.
+fn scenario(variants: &[&str], rounds: &Rounds, delay_us: u64, pause_ms: u64) -> Scenario {
     let bps = env_num("VIRTIO_IOMMU_TEST_RACE_BPS", 2_000_000);
-    let delay_us = env_num("VIRTIO_IOMMU_TEST_RACE_DELAY_US", 0);
-    let pause_ms = env_num("VIRTIO_IOMMU_TEST_RACE_PAUSE_MS", 20);
-    let expect_violations =
-        std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1");
     let mut s = Scenario::new("dma-race");
     let disk = DiskSpec::new("slow", 256, true);
     s.disks = vec![if delay_us > 0 {
@@ -35,29 +66,43 @@ fn dma_race() {
     } else {
         disk.throttled(bps)
     }];
-    // Pause between notify and UNMAP (control runs: make it longer than the
-    // READ takes, then no violation may show either).
+    // Pause between notify and the invalidation (control runs: make it
+    // longer than the READ takes, then no violation may show either).
     s.params = vec![
-        format!("rounds={rounds}"),
-        format!("detach_rounds={detach_rounds}"),
-        "variants=unmap,detach".into(),
+        format!("rounds={}", rounds.unmap),
+        format!("detach_rounds={}", rounds.detach),
+        format!("ring_rounds={}", rounds.ring),
+        format!("reset_rounds={}", rounds.reset),
+        format!("variants={}", variants.join(",")),
         format!("pause_ms={pause_ms}"),
     ];
     if let Ok(ms) = std::env::var("VIRTIO_IOMMU_TEST_RACE_SETTLE_MS") {
         s.params.push(format!("settle_ms={ms}"));
     }
-    // Per round: the pause, the READ and the checks' sleeps; nested TCG
-    // multiplies guest time, so leave a wide margin.
-    // Injected delays make rounds short (about 0.15 s each on the nested
-    // bed); throttled disks take seconds.
+    // Per round: the pause, the READ and the checks' sleeps, and for ring
+    // and reset a re-initialisation of the device; nested TCG multiplies
+    // guest time, so leave a wide margin. Injected delays make rounds
+    // short (about 0.15 s each on the nested bed, 0.5 s with a device
+    // re-initialisation); throttled disks take seconds.
+    let n = |v: &str| {
+        if variants.contains(&v) {
+            rounds.of(v)
+        } else {
+            0
+        }
+    };
     let secs = if delay_us > 0 {
-        120 + rounds / 2 + detach_rounds
+        120 + n("unmap") / 2 + n("detach") + 2 * (n("ring") + n("reset"))
     } else {
-        120 + (rounds + detach_rounds) * 8
+        120 + VARIANTS.iter().map(|v| n(v)).sum::<u64>() * 8
     };
     s.timeout = Duration::from_secs(secs);
-    let out = bed.run(&s).expect("guest run");
-    report_timing("dma_race", &out);
+    s
+}
+
+fn run(bed: &Bed, test: &str, s: &Scenario) -> (Outcome, Vec<RaceSummary>) {
+    let out = bed.run(s).expect("guest run");
+    report_timing(test, &out);
     assert!(!out.timed_out, "run timed out; {}", out.describe());
     out.assert_single_boot();
     for l in out.lines_with("dma-race") {
@@ -68,18 +113,44 @@ fn dma_race() {
         .iter()
         .filter_map(|l| RaceSummary::parse(l))
         .collect();
+    (out, sums)
+}
+
+fn summary<'a>(sums: &'a [RaceSummary], variant: &str, out: &Outcome) -> &'a RaceSummary {
+    sums.iter()
+        .find(|x| x.variant == variant)
+        .unwrap_or_else(|| panic!("no summary for variant {variant}; {}", out.describe()))
+}
+
+#[test]
+fn dma_race() {
+    let Some(bed) = bed_or_skip("dma_race") else {
+        return;
+    };
+    let unmap = env_num("VIRTIO_IOMMU_TEST_RACE_ROUNDS", 12);
+    let rounds = Rounds {
+        unmap,
+        detach: env_num("VIRTIO_IOMMU_TEST_RACE_DETACH_ROUNDS", unmap),
+        ring: env_num("VIRTIO_IOMMU_TEST_RACE_RING_ROUNDS", unmap),
+        reset: env_num("VIRTIO_IOMMU_TEST_RACE_RESET_ROUNDS", unmap),
+    };
+    let delay_us = env_num("VIRTIO_IOMMU_TEST_RACE_DELAY_US", 0);
+    let pause_ms = env_num("VIRTIO_IOMMU_TEST_RACE_PAUSE_MS", 20);
+    let expect_violations =
+        std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1");
+    let expect_needs_reset =
+        std::env::var("VIRTIO_IOMMU_TEST_RACE_EXPECT_NEEDS_RESET").as_deref() == Ok("1");
+    let s = scenario(&VARIANTS, &rounds, delay_us, pause_ms);
+    let (out, sums) = run(&bed, "dma_race", &s);
     let result = out
         .agent_result("dma-race")
         .unwrap_or_else(|| panic!("no AGENT-RESULT for dma-race; {}", out.describe()));
     eprintln!("dma_race: {}", result.line);
-    for (v, n) in [("unmap", rounds), ("detach", detach_rounds)] {
-        let sum = sums
-            .iter()
-            .find(|x| x.variant == v)
-            .unwrap_or_else(|| panic!("no summary for variant {v}; {}", out.describe()));
-        assert_eq!(sum.rounds, n, "variant {v}; {}", out.describe());
+    for v in VARIANTS {
+        let sum = summary(&sums, v, &out);
+        assert_eq!(sum.rounds, rounds.of(v), "variant {v}; {}", out.describe());
     }
-    let unmap = sums.iter().find(|x| x.variant == "unmap").unwrap();
+    let unmap = summary(&sums, "unmap", &out);
     if expect_violations {
         assert!(
             unmap.violations > 0,
@@ -92,10 +163,19 @@ fn dma_race() {
         assert_eq!(
             sum.violations,
             0,
-            "device wrote into the buffer after {} returned in {} of {} rounds; {}",
+            "device touched memory after {} returned in {} of {} rounds; {}",
             sum.variant,
             sum.violations,
             sum.rounds,
+            out.describe()
+        );
+    }
+    if expect_needs_reset {
+        let ring = summary(&sums, "ring", &out);
+        assert_eq!(
+            ring.needs_reset,
+            Some(ring.rounds),
+            "the device did not report DEVICE_NEEDS_RESET after every ring UNMAP; {}",
             out.describe()
         );
     }
@@ -122,4 +202,53 @@ fn dma_race() {
         "VMM exit status; {}",
         out.describe()
     );
+}
+
+#[test]
+fn dma_race_drain_off_control() {
+    let Some(bed) = bed_or_skip("dma_race_drain_off_control") else {
+        return;
+    };
+    if std::env::var_os(VMM_ENV).is_some() {
+        guest_tests::skip(
+            "dma_race_drain_off_control",
+            "--iommu drain=off is the reference VMM's option; another VMM is under test",
+        );
+        return;
+    }
+    let n = env_num("VIRTIO_IOMMU_TEST_RACE_CONTROL_ROUNDS", 10);
+    let rounds = Rounds {
+        unmap: n,
+        detach: 0,
+        ring: n,
+        reset: n,
+    };
+    let delay_us = env_num("VIRTIO_IOMMU_TEST_RACE_DELAY_US", 50_000).max(1);
+    let pause_ms = env_num("VIRTIO_IOMMU_TEST_RACE_PAUSE_MS", 20);
+    let mut s = scenario(&["unmap", "ring", "reset"], &rounds, delay_us, pause_ms);
+    s.vmm_args = vec!["--iommu".into(), "drain=off".into()];
+    let (out, sums) = run(&bed, "dma_race_drain_off_control", &s);
+    assert!(
+        out.lines.iter().any(|l| l.contains("drain=off is unsafe")),
+        "the VMM did not warn about drain=off; {}",
+        out.describe()
+    );
+    for v in ["unmap", "ring", "reset"] {
+        let sum = summary(&sums, v, &out);
+        eprintln!(
+            "dma_race_drain_off_control: {v}: {} violations in {} rounds",
+            sum.violations, sum.rounds
+        );
+    }
+    // The device under drain=off writes through the removed data and ring
+    // translations (the READs are still in flight at the UNMAP); a reset
+    // still waits for the device's own I/O, so that variant may pass.
+    for v in ["unmap", "ring"] {
+        assert!(
+            summary(&sums, v, &out).violations > 0,
+            "drain=off replies without waiting, yet no write after the {v} UNMAP was seen: \
+             the dma-race check has lost its power; {}",
+            out.describe()
+        );
+    }
 }
