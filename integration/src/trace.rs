@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+/// Bit 32 of a block event's argument: the disk is behind the IOMMU.
+pub const BLK_IOMMU: u64 = 1 << 32;
+
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -23,14 +26,21 @@ pub enum Event {
     IommuServed = 2,
     /// The IOMMU's polling window ended: kicks on, thread goes to sleep.
     IommuSleep = 3,
-    /// A block queue thread woke for a kick; arg: disk index.
+    /// A block queue thread woke for a kick; arg: `iommu` (see below).
     BlkKick = 10,
-    /// A block request was parsed and queued; arg: head index.
+    /// A block request was parsed and queued; arg: `iommu` | head.
     BlkQueued = 11,
-    /// A block worker took a request; arg: head index.
+    /// A block worker took a request; arg: `iommu` | head.
     BlkStart = 12,
-    /// A block request's used entry is published; arg: head << 1 | irq.
+    /// A block request's used entry is published; arg: `iommu` |
+    /// head << 1 | irq.
     BlkDone = 13,
+    /// A chain was popped from the available ring (before it is parsed);
+    /// arg: `iommu` | head.
+    BlkPopped = 14,
+    /// A block request's I/O finished (before status and used entry);
+    /// arg: `iommu` | head.
+    BlkIoDone = 15,
     /// A vCPU exit to this process for MMIO; arg: address.
     VcpuMmio = 20,
     /// A vCPU exit to this process for port I/O; arg: port.

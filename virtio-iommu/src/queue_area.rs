@@ -46,8 +46,8 @@ use vm_memory::bitmap::MS;
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::iommu::{Error as IommuError, IovaRange};
 use vm_memory::{
-    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    GuestMemoryResult, Permissions, VolatileSlice,
+    Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+    GuestMemoryResult, MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
 use crate::lease::Lease;
@@ -109,11 +109,23 @@ struct CachedArea {
 }
 
 impl CachedArea {
-    /// The GPA pieces of `[iova, iova + len)`, which lies inside the area.
-    fn pieces(&self, iova: u64, len: u64) -> Pieces {
-        let mut skip = iova - self.iova;
+    /// The GPA pieces of `[iova, iova + len)`, which lies inside the area:
+    /// the first one, and (for an area that is fragmented in GPA space and
+    /// an access that crosses a fragment) the others in order.
+    #[inline]
+    fn pieces(&self, iova: u64, len: u64) -> (GpaRange, Vec<GpaRange>) {
+        let off = iova - self.iova;
+        if let GpaRanges::One(r) = &self.gpa {
+            // The common case: one contiguous range, no allocation.
+            let first = GpaRange {
+                gpa: r.gpa.wrapping_add(off),
+                len,
+            };
+            return (first, Vec::new());
+        }
+        let mut skip = off;
         let mut left = len;
-        let mut out = Pieces::default();
+        let mut out = Vec::new();
         for r in self.gpa.as_slice() {
             if skip >= r.len {
                 skip -= r.len;
@@ -130,46 +142,8 @@ impl CachedArea {
                 break;
             }
         }
-        out
-    }
-}
-
-/// GPA pieces of one access: one without allocating, more in a vector.
-#[derive(Debug, Default)]
-struct Pieces {
-    first: Option<GpaRange>,
-    rest: Vec<GpaRange>,
-}
-
-impl Pieces {
-    fn push(&mut self, r: GpaRange) {
-        if self.first.is_none() {
-            self.first = Some(r);
-        } else {
-            self.rest.push(r);
-        }
-    }
-
-    fn from_ranges(ranges: &[GpaRange]) -> Self {
-        let mut p = Pieces::default();
-        for r in ranges {
-            p.push(*r);
-        }
-        p
-    }
-
-    /// Takes the next piece, in address order.
-    fn next(&mut self) -> Option<GpaRange> {
-        if let Some(r) = self.first.take() {
-            // `rest` is consumed from the front: reverse it once.
-            self.rest.reverse();
-            return Some(r);
-        }
-        self.rest.pop()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &GpaRange> {
-        self.first.iter().chain(self.rest.iter())
+        let first = out.remove(0);
+        (first, out)
     }
 }
 
@@ -284,19 +258,42 @@ impl QueueAreas {
     /// it through the areas, backed by `phys` (guest-physical memory):
     /// accesses inside an area use the cached translation, others are
     /// pinned for their duration. `None` once the areas are revoked.
+    ///
+    /// The section also resolves each area's memory region once, so that
+    /// an access inside an area is a bounds check and a pointer offset.
     pub fn memory<'a, M: GuestMemoryBackend>(&'a self, phys: &'a M) -> Option<QueueMemory<'a, M>> {
-        Some(QueueMemory {
-            guard: self.enter()?,
-            phys,
-        })
+        let guard = self.enter()?;
+        let mut hosts = [None; FAST_AREAS];
+        for (h, a) in hosts.iter_mut().zip(&self.areas) {
+            let GpaRanges::One(r) = &a.gpa else {
+                continue;
+            };
+            let Some((region, base)) = phys.to_region_addr(GuestAddress(r.gpa)) else {
+                continue;
+            };
+            // The whole area inside the one region, or no shortcut.
+            let inside = r
+                .len
+                .checked_sub(1)
+                .and_then(|l| base.checked_add(l))
+                .and_then(|last| region.check_address(last))
+                .is_some();
+            if inside {
+                *h = Some((region, base));
+            }
+        }
+        Some(QueueMemory { guard, phys, hosts })
     }
 
-    /// The area holding all of `[iova, iova + len)` with `access`.
-    fn area_of(&self, iova: u64, len: u64, access: Permissions) -> Option<&CachedArea> {
+    /// The area (and its index) holding all of `[iova, iova + len)` with
+    /// `access`.
+    #[inline]
+    fn area_of(&self, iova: u64, len: u64, access: Permissions) -> Option<(usize, &CachedArea)> {
         let last = iova.checked_add(len.checked_sub(1)?)?;
         self.areas
             .iter()
-            .find(|a| a.iova <= iova && last <= a.last && a.access.allow(access))
+            .enumerate()
+            .find(|(_, a)| a.iova <= iova && last <= a.last && a.access.allow(access))
     }
 }
 
@@ -325,12 +322,19 @@ impl Drop for AreaGuard<'_> {
     }
 }
 
+/// Areas whose memory region a section resolves up front (a split queue
+/// has three).
+const FAST_AREAS: usize = 4;
+
 /// Guest memory as a device sees it through its queue areas, for the
 /// duration of one access section: a `vm_memory::GuestMemory`, so a
 /// `virtio_queue::Queue` can pop chains and add used entries through it.
 pub struct QueueMemory<'a, M: GuestMemoryBackend> {
     guard: AreaGuard<'a>,
     phys: &'a M,
+    /// Per area (in order): its memory region and the region offset of its
+    /// first byte, when the area is one GPA range inside one region.
+    hosts: [Option<(&'a M::R, MemoryRegionAddress)>; FAST_AREAS],
 }
 
 impl<M: GuestMemoryBackend> fmt::Debug for QueueMemory<'_, M> {
@@ -358,10 +362,10 @@ impl<M: GuestMemoryBackend> GuestMemory for QueueMemory<'_, M> {
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
         let areas = self.guard.areas;
         let len = count as u64;
-        if let Some(a) = areas.area_of(addr.0, len, access) {
-            return a
-                .pieces(addr.0, len)
-                .iter()
+        if let Some((_, a)) = areas.area_of(addr.0, len, access) {
+            let (first, rest) = a.pieces(addr.0, len);
+            return std::iter::once(&first)
+                .chain(rest.iter())
                 .all(|r| self.phys.check_range(GuestAddress(r.gpa), r.len as usize));
         }
         match areas.ep.translate(addr.0, len, access) {
@@ -372,6 +376,7 @@ impl<M: GuestMemoryBackend> GuestMemory for QueueMemory<'_, M> {
         }
     }
 
+    #[inline]
     fn get_slices<'b>(
         &'b self,
         addr: GuestAddress,
@@ -379,19 +384,31 @@ impl<M: GuestMemoryBackend> GuestMemory for QueueMemory<'_, M> {
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'b, MS<'b, M>>> {
         let areas = self.guard.areas;
-        let mut it = QueueSlices {
-            phys: self.phys,
-            pieces: Pieces::default(),
-            current: None,
-            _pin: None,
-        };
+        let phys = self.phys;
         if count == 0 {
-            return Ok(it);
+            return Ok(QueueSlices {
+                phys,
+                single: None,
+                current: None,
+                rest: None,
+            });
         }
         let len = count as u64;
-        if let Some(a) = areas.area_of(addr.0, len, access) {
-            it.pieces = a.pieces(addr.0, len);
-            return Ok(it);
+        if let Some((i, a)) = areas.area_of(addr.0, len, access) {
+            if let Some(Some((region, base))) = self.hosts.get(i) {
+                // Inside the area, hence inside its region (checked when
+                // the section opened): one slice, no lookup.
+                let at = MemoryRegionAddress(base.0 + (addr.0 - a.iova));
+                let slice = region.get_slice(at, count)?;
+                return Ok(QueueSlices {
+                    phys,
+                    single: Some(slice),
+                    current: None,
+                    rest: None,
+                });
+            }
+            let (first, rest) = a.pieces(addr.0, len);
+            return Ok(QueueSlices::new(phys, first, rest, None));
         }
         // Outside the areas (an indirect table): an ordinary pin for the
         // duration of the access. A failure is reported as a fault.
@@ -399,25 +416,60 @@ impl<M: GuestMemoryBackend> GuestMemory for QueueMemory<'_, M> {
             .ep
             .pin(addr.0, len, access)
             .map_err(|e| iommu_error(addr, count, e))?;
-        it.pieces = Pieces::from_ranges(pin.ranges());
-        it._pin = Some(pin);
-        Ok(it)
+        let mut ranges = pin.ranges().to_vec();
+        let first = ranges.remove(0);
+        Ok(QueueSlices::new(phys, first, ranges, Some(pin)))
     }
 }
 
-/// The slices of one [`QueueMemory`] access.
+/// The slices of one [`QueueMemory`] access. Small on purpose: an access
+/// inside an area (the hot path) is one physical-memory iterator; only an
+/// access over several GPA pieces, or a pinned one, carries the rest in a
+/// box.
 pub struct QueueSlices<'b, M: GuestMemoryBackend> {
     phys: &'b M,
-    pieces: Pieces,
+    /// The whole access as one slice (an area with a resolved region).
+    single: Option<VolatileSlice<'b, MS<'b, M>>>,
     current: Option<GuestMemoryBackendSliceIterator<'b, M>>,
-    /// Keeps an access outside the areas translated while it runs.
+    rest: Option<Box<Rest>>,
+}
+
+/// The remaining pieces of a multi-piece access, and the pin that keeps an
+/// access outside the areas translated while it runs.
+struct Rest {
+    pieces: std::vec::IntoIter<GpaRange>,
     _pin: Option<Pin>,
+}
+
+impl<'b, M: GuestMemoryBackend> QueueSlices<'b, M> {
+    #[inline]
+    fn new(phys: &'b M, first: GpaRange, rest: Vec<GpaRange>, pin: Option<Pin>) -> Self {
+        let rest = (!rest.is_empty() || pin.is_some()).then(|| {
+            Box::new(Rest {
+                pieces: rest.into_iter(),
+                _pin: pin,
+            })
+        });
+        let current = usize::try_from(first.len)
+            .ok()
+            .map(|len| phys.get_slices(GuestAddress(first.gpa), len));
+        QueueSlices {
+            phys,
+            single: None,
+            current,
+            rest,
+        }
+    }
 }
 
 impl<'b, M: GuestMemoryBackend> Iterator for QueueSlices<'b, M> {
     type Item = GuestMemoryResult<VolatileSlice<'b, MS<'b, M>>>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(s) = self.single.take() {
+            return Some(Ok(s));
+        }
         loop {
             if let Some(cur) = self.current.as_mut() {
                 match cur.next() {
@@ -425,15 +477,15 @@ impl<'b, M: GuestMemoryBackend> Iterator for QueueSlices<'b, M> {
                     Some(Err(e)) => {
                         // No items after an error.
                         self.current = None;
-                        self.pieces = Pieces::default();
+                        self.rest = None;
                         return Some(Err(e));
                     }
                     None => self.current = None,
                 }
             }
-            let r = self.pieces.next()?;
+            let r = self.rest.as_mut()?.pieces.next()?;
             let Ok(len) = usize::try_from(r.len) else {
-                self.pieces = Pieces::default();
+                self.rest = None;
                 return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
                     r.gpa,
                 ))));

@@ -1,14 +1,19 @@
 //! Drives the request engine with arbitrary descriptor chains over
 //! arbitrary guest memory, interleaved with pins, releases, config writes,
-//! event delivery and snapshot/restore. The device must never panic, must
-//! report used lengths within each chain's writable part, and must still
-//! serve a well-formed request at the end.
+//! event delivery, snapshot/restore, device resets, queue-area leases and
+//! accesses through them, and `vm_memory::Iommu` translations of arbitrary
+//! (address, length) pairs, near the top of the address space too. The
+//! device must never panic, must report used lengths within each chain's
+//! writable part, must translate a range either in full or not at all, and
+//! must still serve a well-formed request at the end.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std::sync::Arc;
 use virtio_iommu::testing::{attach_body, map_body, unmap_body, Buf, Harness, BUF_BASE};
-use virtio_iommu::{IommuConfig, Limits, Pin, Status};
+
+use virtio_iommu::{AreaSpec, IommuConfig, Limits, Pin, QueueAreas, Status};
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
 struct Input<'a>(&'a [u8]);
@@ -25,6 +30,33 @@ impl Input<'_> {
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from(self.u16()?) | u32::from(self.u16()?) << 16)
     }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from(self.u32()?) | u64::from(self.u32()?) << 32)
+    }
+    /// An address: low, or within 64 KiB of the top of the space.
+    fn addr(&mut self) -> Option<u64> {
+        let v = u64::from(self.u16()?);
+        Some(if self.u8()? & 1 == 0 {
+            v << 8
+        } else {
+            u64::MAX - v
+        })
+    }
+    /// A length: small, or any 64-bit value.
+    fn len(&mut self) -> Option<u64> {
+        Some(if self.u8()? & 1 == 0 {
+            u64::from(self.u16()?)
+        } else {
+            self.u64()?
+        })
+    }
+    fn access(&mut self) -> Option<Permissions> {
+        Some(match self.u8()? % 3 {
+            0 => Permissions::Read,
+            1 => Permissions::Write,
+            _ => Permissions::ReadWrite,
+        })
+    }
     fn bytes(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.0.len());
         let (a, b) = self.0.split_at(n);
@@ -38,6 +70,7 @@ const AREA: u64 = 0x1_0000;
 struct Fuzz {
     h: Harness,
     pins: Vec<Pin>,
+    leases: Vec<QueueAreas>,
     slot: u64,
     writable: Vec<u64>,
 }
@@ -92,7 +125,7 @@ impl Fuzz {
     }
 
     fn step(&mut self, input: &mut Input) -> Option<()> {
-        match input.u8()? % 8 {
+        match input.u8()? % 12 {
             0 => {
                 // Raw chain: addresses anywhere, any lengths, any directions.
                 let n = input.u8()? % 6 + 1;
@@ -175,10 +208,7 @@ impl Fuzz {
                 self.process();
             }
             4 => {
-                // Turning bypass off waits for DMA through it: the pins
-                // held by this (single) thread must go first.
-                self.pins.clear();
-                self.process();
+                // Never blocks, pins held or not.
                 let v = input.u8()?;
                 self.h.dev.write_config(u64::from(input.u8()? % 48), &[v]);
             }
@@ -208,11 +238,73 @@ impl Fuzz {
                     assert_eq!(fresh.dev.snapshot().unwrap(), state);
                 }
             }
-            _ => {
+            7 => {
                 let n = usize::from(input.u8()?);
                 let at = BUF_BASE + u64::from(input.u16()?) % AREA;
                 let bytes = input.bytes(n).to_vec();
                 let _ = self.h.mem.write_slice(&bytes, GuestAddress(at));
+            }
+            8 => {
+                // Lease up to three areas anywhere.
+                let ep = self.h.dev.endpoint(u32::from(input.u8()? % 3)).unwrap();
+                let mut specs = Vec::new();
+                for _ in 0..input.u8()? % 3 + 1 {
+                    specs.push(AreaSpec {
+                        iova: input.addr()?,
+                        len: input.len()?,
+                        access: input.access()?,
+                    });
+                }
+                if let Ok(a) = ep.lease_queue_areas(&specs, Arc::new(|| {})) {
+                    for ((spec, gpas), want) in a.areas().zip(&specs) {
+                        assert_eq!(spec, *want);
+                        let total: u64 = gpas.iter().map(|r| r.len).sum();
+                        assert_eq!(total, want.len, "a lease translates in full");
+                    }
+                    self.leases.push(a);
+                }
+            }
+            9 => {
+                // An access through a lease, inside or outside its areas.
+                if self.leases.is_empty() {
+                    return Some(());
+                }
+                let i = usize::from(input.u8()?) % self.leases.len();
+                let addr = input.addr()?;
+                let n = usize::from(input.u8()?);
+                let write = input.u8()? & 1 != 0;
+                let phys = self.h.mem.clone();
+                if let Some(mem) = self.leases[i].memory(&phys) {
+                    let mut buf = vec![0u8; n];
+                    let _ = if write {
+                        mem.write_slice(&buf, GuestAddress(addr))
+                    } else {
+                        mem.read_slice(&mut buf, GuestAddress(addr))
+                    };
+                }
+                if input.u8()? & 3 == 0 {
+                    self.leases.swap_remove(i);
+                }
+            }
+            10 => {
+                // vm_memory::Iommu: all or nothing, never a panic.
+                let ep = self.h.dev.endpoint(u32::from(input.u8()? % 3)).unwrap();
+                let addr = input.addr()?;
+                let len = usize::try_from(input.len()?).unwrap_or(usize::MAX);
+                let access = input.access()?;
+                let got = vm_memory::Iommu::translate(&ep, GuestAddress(addr), len, access)
+                    .map(|it| it.map(|r| r.length).sum::<usize>());
+                if let Ok(total) = got {
+                    assert_eq!(total, len, "translated in part");
+                }
+            }
+            _ => {
+                // Device reset: never blocks; the driver then negotiates
+                // again.
+                self.h.dev.reset();
+                let _ = self.h.dev.reset_pending();
+                let f = self.h.dev.device_features();
+                self.h.dev.ack_features(f);
             }
         }
         Some(())
@@ -234,6 +326,7 @@ fn check(data: &[u8]) {
             ..Default::default()
         }),
         pins: Vec::new(),
+        leases: Vec::new(),
         slot: 0,
         writable: vec![0; 256],
     };
@@ -247,10 +340,13 @@ fn check(data: &[u8]) {
             break;
         }
     }
-    // Release everything: the device must then serve a valid request.
+    // Release everything: the device must then serve a valid request, and
+    // no reset or bypass change may still be pending.
     f.pins.clear();
+    f.leases.clear();
     f.process();
     assert!(f.h.dev.parked_drain().is_none());
+    assert!(!f.h.dev.reset_pending());
     let mut req = vec![1u8, 0, 0, 0];
     req.extend_from_slice(&attach_body(100, 2, 0)); // domain 100: never created by the steps
     let tail = f.send(&req);

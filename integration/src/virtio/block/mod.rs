@@ -115,6 +115,16 @@ struct Popped {
 }
 
 impl Running {
+    /// Records a block event for `head`, tagged with whether the disk is
+    /// behind the IOMMU.
+    fn trace(&self, event: crate::trace::Event, arg: u64) {
+        let tag = match self.rings {
+            Rings::Direct => 0,
+            Rings::Leased(_) => crate::trace::BLK_IOMMU,
+        };
+        crate::trace::record(event, tag | arg);
+    }
+
     /// Pops and parses every available chain, inside one access section:
     /// only ring accesses and pinning happen here, never I/O.
     fn pop_all<G: GuestMemory>(&self, q: &mut Queue, mem: &G) -> Popped {
@@ -128,9 +138,13 @@ impl Running {
             endpoint: self.endpoint.as_ref(),
         };
         while let Some(chain) = q.pop_descriptor_chain(mem) {
+            self.trace(
+                crate::trace::Event::BlkPopped,
+                u64::from(chain.head_index()),
+            );
             match parse(chain, &bufs, self.backend.geometry()) {
                 Ok(req) => {
-                    crate::trace::record(crate::trace::Event::BlkQueued, u64::from(req.head));
+                    self.trace(crate::trace::Event::BlkQueued, u64::from(req.head));
                     p.requests.push(req);
                 }
                 Err((head, e)) => {
@@ -196,9 +210,10 @@ impl Running {
     /// Runs one request to completion: I/O, status byte, used entry; the
     /// pins go last.
     fn complete(&self, req: Request) {
-        crate::trace::record(crate::trace::Event::BlkStart, u64::from(req.head));
+        self.trace(crate::trace::Event::BlkStart, u64::from(req.head));
         let (status, used) = self.backend.execute(&req);
         let head = req.head;
+        self.trace(crate::trace::Event::BlkIoDone, u64::from(head));
         let mut notify = false;
         if !self.stopping.load(Ordering::Acquire) {
             // SAFETY: `status` is one byte of guest memory, pinned (behind
@@ -225,7 +240,7 @@ impl Running {
         // before the interrupt, so that the driver's UNMAP, which follows
         // the interrupt closely, finds nothing to wait for.
         drop(req);
-        crate::trace::record(
+        self.trace(
             crate::trace::Event::BlkDone,
             (u64::from(head) << 1) | u64::from(notify),
         );
@@ -360,7 +375,7 @@ fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs: Sender<Re
                 return;
             }
             let _ = notify.read();
-            crate::trace::record(crate::trace::Event::BlkKick, 0);
+            run.trace(crate::trace::Event::BlkKick, 0);
             run.drain_queue(&jobs);
         }
     }
