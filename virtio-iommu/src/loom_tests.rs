@@ -36,6 +36,25 @@ fn space() -> AddressSpace {
     AddressSpace::new(config, shared)
 }
 
+/// `loom::model`, printing how many schedules it explored (also when a
+/// schedule panics, as the models of broken devices must). The count is
+/// shared: run the models with `--test-threads=1` (as `ci/test` does).
+fn counted_model(f: impl Fn() + Sync + Send + 'static) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    static SCHEDULES: AtomicUsize = AtomicUsize::new(0);
+    struct Report;
+    impl Drop for Report {
+        fn drop(&mut self) {
+            eprintln!("loom: {} schedules explored", SCHEDULES.swap(0, Relaxed));
+        }
+    }
+    let _report = Report;
+    loom::model(move || {
+        SCHEDULES.fetch_add(1, Relaxed);
+        f();
+    });
+}
+
 fn device_thread(ep: Arc<EndpointCore>, reclaimed: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         if let Ok((ranges, slot, serial)) = ep.translate(0x1000, 8, Permissions::Write, Some(None))
@@ -56,19 +75,7 @@ fn device_thread(ep: Arc<EndpointCore>, reclaimed: Arc<AtomicBool>) -> thread::J
 /// Runs the model: `invalidate` removes the translation and returns the
 /// drain; `wait` says whether to honour it (false models a broken device).
 fn model(invalidate: fn(&mut AddressSpace) -> crate::address_space::Outcome, wait: bool) {
-    static SCHEDULES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    struct Report;
-    impl Drop for Report {
-        fn drop(&mut self) {
-            eprintln!(
-                "loom: {} schedules explored",
-                SCHEDULES.swap(0, std::sync::atomic::Ordering::SeqCst)
-            );
-        }
-    }
-    let _report = Report;
-    loom::model(move || {
-        SCHEDULES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    counted_model(move || {
         let mut s = space();
         let a = s.add_endpoint_core(1, None, Vec::new()).unwrap();
         let b = s.add_endpoint_core(2, None, Vec::new()).unwrap();
@@ -178,19 +185,7 @@ fn lease_model(
     second: bool,
     wait: bool,
 ) {
-    static SCHEDULES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    struct Report;
-    impl Drop for Report {
-        fn drop(&mut self) {
-            eprintln!(
-                "loom: {} schedules explored",
-                SCHEDULES.swap(0, std::sync::atomic::Ordering::SeqCst)
-            );
-        }
-    }
-    let _report = Report;
-    loom::model(move || {
-        SCHEDULES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    counted_model(move || {
         let mut s = space();
         let ep = setup(&mut s);
         let reclaimed = Arc::new(AtomicBool::new(false));
@@ -265,9 +260,7 @@ fn bypassed(s: &mut AddressSpace) -> Arc<EndpointCore> {
 #[test]
 fn lease_alone_close_waits_for_open_sections() {
     // The protocol without the tracker: two sections against one close.
-    static SCHEDULES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    loom::model(|| {
-        SCHEDULES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    counted_model(|| {
         let lease: Arc<Lease<Arc<AtomicBool>>> = Arc::new(Lease::new());
         let reclaimed = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..2)
@@ -298,10 +291,6 @@ fn lease_alone_close_waits_for_open_sections() {
             t.join().unwrap();
         }
     });
-    eprintln!(
-        "loom: {} schedules explored",
-        SCHEDULES.swap(0, std::sync::atomic::Ordering::SeqCst)
-    );
 }
 
 #[test]

@@ -273,6 +273,63 @@ impl Harness {
     pub fn unmap(&mut self, domain: u32, start: u64, end: u64) -> Option<Status> {
         self.simple(req_type::UNMAP, &unmap_body(domain, start, end))
     }
+
+    /// Makes a request of `type_` with `body` available from slot `slot`
+    /// (0..256; each slot has its own buffers) without processing the
+    /// queue, for requests that may park. Its 4-byte tail starts as 0xee;
+    /// [`Harness::posted_status`] reads it.
+    pub fn post(&mut self, slot: u64, type_: u8, body: &[u8]) {
+        assert!(slot < 256, "slot {slot} out of range");
+        let r = GuestAddress(BUF_BASE + 0x2_0000 + slot * 0x100);
+        let mut req = vec![type_, 0, 0, 0];
+        req.extend_from_slice(body);
+        self.mem.write_slice(&req, r).unwrap();
+        self.mem
+            .write_slice(&[0xee; 4], Self::posted_tail(slot))
+            .unwrap();
+        self.req_driver
+            .add(
+                &self.mem,
+                &[
+                    Buf {
+                        addr: r,
+                        len: req.len() as u32,
+                        write: false,
+                    },
+                    Buf {
+                        addr: Self::posted_tail(slot),
+                        len: 4,
+                        write: true,
+                    },
+                ],
+            )
+            .expect("queue full");
+    }
+
+    fn posted_tail(slot: u64) -> GuestAddress {
+        GuestAddress(BUF_BASE + 0x3_0000 + slot * 0x100)
+    }
+
+    /// The status byte of the request posted from `slot` (0xee until the
+    /// device replied).
+    pub fn posted_status(&self, slot: u64) -> u8 {
+        self.mem.read_obj(Self::posted_tail(slot)).unwrap()
+    }
+
+    /// Runs the request queue until a reply is published, waiting for a
+    /// parked request's drain (in steps of at most 100 ms); returns the
+    /// used length. For a driver thread in a test that never gives up.
+    pub fn wait_reply(&mut self) -> u32 {
+        loop {
+            self.dev
+                .process_requests(&mut self.reqq, &self.mem)
+                .unwrap();
+            if let Some((_, len)) = self.req_driver.pop_used(&self.mem) {
+                return len;
+            }
+            self.dev.wait_parked(std::time::Duration::from_millis(100));
+        }
+    }
 }
 
 /// The body of an ATTACH request (reserved bytes zero).

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_iommu::protocol::req_type;
-use virtio_iommu::testing::{
-    attach_body, detach_body, map_body, unmap_body, Buf, Harness, BUF_BASE,
-};
+use virtio_iommu::testing::{attach_body, detach_body, map_body, unmap_body, Harness};
 use virtio_iommu::{IommuConfig, Pin, Status};
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
@@ -29,41 +27,24 @@ fn setup() -> Harness {
     h
 }
 
-/// Places a request at slot `n` and makes it available without processing.
-fn post(h: &mut Harness, n: u64, type_: u8, body: &[u8]) {
-    let r = GuestAddress(BUF_BASE + 0x2_0000 + n * 0x100);
-    let w = GuestAddress(BUF_BASE + 0x3_0000 + n * 0x100);
-    let mut req = vec![type_, 0, 0, 0];
-    req.extend_from_slice(body);
-    h.mem.write_slice(&req, r).unwrap();
-    h.mem.write_slice(&[0xee; 4], w).unwrap();
-    h.req_driver
-        .add(
-            &h.mem,
-            &[
-                Buf {
-                    addr: r,
-                    len: req.len() as u32,
-                    write: false,
-                },
-                Buf {
-                    addr: w,
-                    len: 4,
-                    write: true,
-                },
-            ],
-        )
-        .unwrap();
-}
-
-fn status_of(h: &Harness, n: u64) -> u8 {
-    h.mem
-        .read_obj(GuestAddress(BUF_BASE + 0x3_0000 + n * 0x100))
-        .unwrap()
-}
-
 fn pin(h: &Harness, ep: u32, iova: u64, len: u64, access: Permissions) -> Pin {
     h.dev.endpoint(ep).unwrap().pin(iova, len, access).unwrap()
+}
+
+/// A revocable pin of 0x1000..0x1008 whose revoke hook sends on the
+/// returned channel.
+fn revocable_pin(h: &Harness) -> (Pin, std::sync::mpsc::Receiver<()>) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let hook = Arc::new(move || {
+        let _ = tx.send(());
+    });
+    let pin = h
+        .dev
+        .endpoint(EP)
+        .unwrap()
+        .pin_revocable(0x1000, 8, Permissions::Write, hook)
+        .unwrap();
+    (pin, rx)
 }
 
 fn process(h: &mut Harness) -> bool {
@@ -76,9 +57,9 @@ fn unmap_reply_waits_for_the_overlapping_pin() {
     let ep = h.dev.endpoint(EP).unwrap();
     let pin = ep.pin(0x1800, 0x100, Permissions::Write).unwrap();
     assert_eq!(pin.ranges()[0].gpa, 0x10_800);
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x2fff));
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x2fff));
     assert!(!process(&mut h), "reply published while DMA in flight");
-    assert_eq!(status_of(&h, 0), 0xee);
+    assert_eq!(h.posted_status(0), 0xee);
     assert!(h.req_driver.pop_used(&h.mem).is_none());
     // The translation is already gone: no new DMA can start.
     assert!(ep.pin(0x1800, 8, Permissions::Write).is_err());
@@ -86,7 +67,7 @@ fn unmap_reply_waits_for_the_overlapping_pin() {
     drop(pin);
     assert_eq!(h.dev.drain_eventfd().read().unwrap(), 1);
     assert!(process(&mut h));
-    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+    assert_eq!(h.posted_status(0), Status::Ok as u8);
     assert_eq!(h.req_driver.pop_used(&h.mem).unwrap().1, 4);
     let m = h.dev.metrics().snapshot();
     assert_eq!(m.drains, 1);
@@ -106,23 +87,18 @@ fn unmap_of_other_range_does_not_wait_for_a_pin() {
 fn requests_behind_a_parked_one_complete_after_it_in_order() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x2000, 8, Permissions::Read);
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x2000, 0x2fff));
-    post(
-        &mut h,
-        1,
-        req_type::MAP,
-        &map_body(1, 0x2000, 0x2fff, 0x99_000, RW),
-    );
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x2000, 0x2fff));
+    h.post(1, req_type::MAP, &map_body(1, 0x2000, 0x2fff, 0x99_000, RW));
     assert!(!process(&mut h));
     assert!(!process(&mut h), "later request must not overtake");
-    assert_eq!(status_of(&h, 1), 0xee);
+    assert_eq!(h.posted_status(1), 0xee);
     drop(pin);
     assert!(process(&mut h));
     let (a, _) = h.req_driver.pop_used(&h.mem).unwrap();
     let (b, _) = h.req_driver.pop_used(&h.mem).unwrap();
     assert!(a != b);
-    assert_eq!(status_of(&h, 0), Status::Ok as u8);
-    assert_eq!(status_of(&h, 1), Status::Ok as u8);
+    assert_eq!(h.posted_status(0), Status::Ok as u8);
+    assert_eq!(h.posted_status(1), Status::Ok as u8);
     let r = h
         .dev
         .endpoint(EP)
@@ -136,23 +112,23 @@ fn requests_behind_a_parked_one_complete_after_it_in_order() {
 fn detach_waits_for_the_endpoints_pins() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
-    post(&mut h, 0, req_type::DETACH, &detach_body(1, EP));
+    h.post(0, req_type::DETACH, &detach_body(1, EP));
     assert!(!process(&mut h));
     drop(pin);
     assert!(process(&mut h));
-    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+    assert_eq!(h.posted_status(0), Status::Ok as u8);
 }
 
 #[test]
 fn attach_moving_the_endpoint_waits_for_its_pins() {
     let mut h = setup();
     let pin = pin(&h, EP, 0x8000, 16, Permissions::Write);
-    post(&mut h, 0, req_type::ATTACH, &attach_body(2, EP, 0));
+    h.post(0, req_type::ATTACH, &attach_body(2, EP, 0));
     assert!(!process(&mut h));
     assert_eq!(h.dev.address_space().attached_domain(EP), Some(2));
     drop(pin);
     assert!(process(&mut h));
-    assert_eq!(status_of(&h, 0), Status::Ok as u8);
+    assert_eq!(h.posted_status(0), Status::Ok as u8);
 }
 
 #[test]
@@ -160,7 +136,7 @@ fn pins_of_other_endpoints_in_the_domain_are_waited_for_on_unmap() {
     let mut h = setup();
     assert_eq!(h.attach(1, EP + 1, 0), Some(Status::Ok));
     let pin = pin(&h, EP + 1, 0x1000, 8, Permissions::Read);
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     drop(pin);
     assert!(process(&mut h));
@@ -211,7 +187,7 @@ fn revoke_hook_is_called_after_the_grace_period_and_reply_still_waits() {
             }),
         )
         .unwrap();
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     let deadline = h.dev.revoke_deadline().unwrap();
     assert_eq!(h.dev.revoke_overdue(Instant::now()), 0, "too early");
@@ -229,26 +205,13 @@ fn revoke_hook_is_called_after_the_grace_period_and_reply_still_waits() {
 #[test]
 fn blocking_wait_revokes_and_returns_when_the_holder_releases() {
     let mut h = setup();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin_revocable(
-            0x1000,
-            8,
-            Permissions::Write,
-            Arc::new(move || {
-                let _ = tx.send(());
-            }),
-        )
-        .unwrap();
+    let (pin, rx) = revocable_pin(&h);
     // The "I/O": completes only when cancelled.
     let io = std::thread::spawn(move || {
         rx.recv().unwrap();
         drop(pin);
     });
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     assert!(h.dev.wait_parked(Duration::from_secs(30)));
     assert!(process(&mut h));
@@ -260,7 +223,7 @@ fn wait_parked_gives_up_after_its_timeout() {
     let mut h = setup();
     // A holder that ignores revocation: the wait must still end.
     let pin = pin(&h, EP, 0x1000, 8, Permissions::Write);
-    post(&mut h, 0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
+    h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     let t = std::time::Instant::now();
     assert!(!h.dev.wait_parked(Duration::from_millis(20)));
@@ -287,20 +250,7 @@ fn reset_completes_only_after_the_pins_of_every_endpoint_are_released() {
 #[test]
 fn a_pending_reset_revokes_its_blockers_after_the_grace_period() {
     let mut h = setup();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let pin = h
-        .dev
-        .endpoint(EP)
-        .unwrap()
-        .pin_revocable(
-            0x1000,
-            8,
-            Permissions::Write,
-            Arc::new(move || {
-                let _ = tx.send(());
-            }),
-        )
-        .unwrap();
+    let (pin, rx) = revocable_pin(&h);
     assert!(!h.dev.reset());
     // The transport polls the reset (the driver reads the status).
     let t = std::time::Instant::now();

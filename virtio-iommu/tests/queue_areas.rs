@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use virtio_iommu::protocol::{req_type, CONFIG_BYPASS_OFFSET};
-use virtio_iommu::testing::{unmap_body, Buf, Harness, TestDriver, BUF_BASE};
+use virtio_iommu::testing::{unmap_body, Buf, Harness, TestDriver};
 use virtio_iommu::{AreaSpec, IommuConfig, QueueAreas, RevokeHook, Status, TranslateError};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
@@ -117,29 +117,8 @@ impl Rig {
 
     /// Posts an UNMAP without processing it.
     fn post_unmap(&mut self, start: u64, end: u64) {
-        let r = GuestAddress(BUF_BASE + 0x2_0000);
-        let w = GuestAddress(BUF_BASE + 0x3_0000);
-        let mut req = vec![req_type::UNMAP, 0, 0, 0];
-        req.extend_from_slice(&unmap_body(DOM, start, end));
-        self.h.mem.write_slice(&req, r).unwrap();
         self.h
-            .req_driver
-            .add(
-                &self.h.mem,
-                &[
-                    Buf {
-                        addr: r,
-                        len: req.len() as u32,
-                        write: false,
-                    },
-                    Buf {
-                        addr: w,
-                        len: 4,
-                        write: true,
-                    },
-                ],
-            )
-            .unwrap();
+            .post(0, req_type::UNMAP, &unmap_body(DOM, start, end));
     }
 
     /// Runs the request queue; the status of the reply if one came.
@@ -149,12 +128,7 @@ impl Rig {
             .process_requests(&mut self.h.reqq, &self.h.mem)
             .unwrap();
         self.h.req_driver.pop_used(&self.h.mem)?;
-        Some(
-            self.h
-                .mem
-                .read_obj::<u8>(GuestAddress(BUF_BASE + 0x3_0000))
-                .unwrap(),
-        )
+        Some(self.h.posted_status(0))
     }
 
     fn areas_revoked(&self) -> u64 {

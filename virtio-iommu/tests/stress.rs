@@ -39,6 +39,73 @@ fn canary(page: u64, round: u64) -> u64 {
     0xc0de_0000_0000_0000 | (page << 32) | (round & 0xffff_ffff)
 }
 
+/// The checker's pages: a page whose UNMAP replied is filled with a
+/// canary and rests in the pool before it is mapped again; a changed
+/// canary is a write after the reply (a violation).
+struct PagePool {
+    resting: VecDeque<(u64, u64)>,
+    rest: u64,
+    next_fresh: u64,
+    violations: u64,
+}
+
+impl PagePool {
+    /// Pages are reused once `rest` others are resting.
+    fn new(rest: u64) -> Self {
+        PagePool {
+            resting: VecDeque::new(),
+            rest,
+            next_fresh: 0,
+            violations: 0,
+        }
+    }
+
+    fn gpa(page: u64) -> GuestAddress {
+        GuestAddress(PAGE_BASE + page * 0x1000)
+    }
+
+    /// The UNMAP of `page` replied in `round`: the page is the checker's.
+    fn take_back(&mut self, h: &Harness, page: u64, round: u64) {
+        let c = canary(page, round);
+        let fill: Vec<u8> = std::iter::repeat_n(c.to_le_bytes(), WORDS)
+            .flatten()
+            .collect();
+        h.mem.write_slice(&fill, Self::gpa(page)).unwrap();
+        self.resting.push_back((page, c));
+    }
+
+    fn check(&mut self, h: &Harness, page: u64, c: u64) {
+        let mut buf = [0u8; WORDS * 8];
+        h.mem.read_slice(&mut buf, Self::gpa(page)).unwrap();
+        let intact = buf
+            .chunks_exact(8)
+            .all(|w| u64::from_le_bytes(w.try_into().unwrap()) == c);
+        self.violations += u64::from(!intact);
+    }
+
+    /// A page to map next: the longest-resting one (its canary checked),
+    /// or a fresh one while few are resting.
+    fn next(&mut self, h: &Harness) -> u64 {
+        if self.resting.len() as u64 >= self.rest {
+            let (page, c) = self.resting.pop_front().unwrap();
+            self.check(h, page, c);
+            page
+        } else {
+            self.next_fresh += 1;
+            assert!(self.next_fresh <= PAGES, "page pool exhausted");
+            self.next_fresh - 1
+        }
+    }
+
+    /// Checks the pages still resting; the violations found in all.
+    fn finish(mut self, h: &Harness) -> u64 {
+        while let Some((page, c)) = self.resting.pop_front() {
+            self.check(h, page, c);
+        }
+        self.violations
+    }
+}
+
 fn run(rounds: u64, workers: usize, skip_drains: bool) -> Result {
     let mut h = Harness::new(IommuConfig {
         drain: !skip_drains,
@@ -83,20 +150,8 @@ fn run(rounds: u64, workers: usize, skip_drains: bool) -> Result {
         }));
     }
 
-    let mut free: VecDeque<(u64, u64)> = VecDeque::new(); // (page, canary)
+    let mut pool = PagePool::new(PAGES - SLOTS);
     let mut mapped: Vec<Option<u64>> = vec![None; SLOTS as usize];
-    let mut next_page = 0u64;
-    let mut violations = 0u64;
-    let check = |h: &Harness, page: u64, c: u64| -> u64 {
-        let mut buf = [0u8; WORDS * 8];
-        h.mem
-            .read_slice(&mut buf, GuestAddress(PAGE_BASE + page * 0x1000))
-            .unwrap();
-        let intact = buf
-            .chunks_exact(8)
-            .all(|w| u64::from_le_bytes(w.try_into().unwrap()) == c);
-        u64::from(!intact)
-    };
     for round in 0..rounds {
         let slot = (round % SLOTS) as usize;
         let iova = IOVA_BASE + slot as u64 * 0x1000;
@@ -109,58 +164,13 @@ fn run(rounds: u64, workers: usize, skip_drains: bool) -> Result {
         }
         if let Some(page) = mapped[slot].take() {
             // UNMAP through the queue; wait for the reply like a driver.
-            let st = {
-                let mut req = vec![4u8, 0, 0, 0];
-                req.extend_from_slice(&virtio_iommu::testing::unmap_body(1, iova, iova + 0xfff));
-                let r = virtio_iommu::testing::BUF_BASE;
-                let w = r + 0x1000;
-                h.mem.write_slice(&req, GuestAddress(r)).unwrap();
-                h.req_driver
-                    .add(
-                        &h.mem,
-                        &[
-                            virtio_iommu::testing::Buf {
-                                addr: GuestAddress(r),
-                                len: 28,
-                                write: false,
-                            },
-                            virtio_iommu::testing::Buf {
-                                addr: GuestAddress(w),
-                                len: 4,
-                                write: true,
-                            },
-                        ],
-                    )
-                    .unwrap();
-                loop {
-                    h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-                    if h.req_driver.pop_used(&h.mem).is_some() {
-                        break;
-                    }
-                    h.dev.wait_parked(std::time::Duration::from_millis(100));
-                }
-                h.mem.read_obj::<u8>(GuestAddress(w)).unwrap()
-            };
+            let st = unmap_and_wait(&mut h, iova);
             assert_eq!(st, Status::Ok as u8);
             // The reply is out: the page is the checker's now.
-            let c = canary(page, round);
-            let fill: Vec<u8> = std::iter::repeat_n(c.to_le_bytes(), WORDS)
-                .flatten()
-                .collect();
-            h.mem
-                .write_slice(&fill, GuestAddress(PAGE_BASE + page * 0x1000))
-                .unwrap();
-            free.push_back((page, c));
+            pool.take_back(&h, page, round);
         }
-        // Map a page that has rested in the pool; verify it first.
-        let page = if free.len() as u64 >= PAGES - SLOTS {
-            let (page, c) = free.pop_front().unwrap();
-            violations += check(&h, page, c);
-            page
-        } else {
-            next_page += 1;
-            next_page - 1
-        };
+        // Map a page that has rested in the pool (verified first).
+        let page = pool.next(&h);
         assert_eq!(
             h.map(1, iova, iova + 0xfff, PAGE_BASE + page * 0x1000, 3),
             Some(Status::Ok)
@@ -171,12 +181,9 @@ fn run(rounds: u64, workers: usize, skip_drains: bool) -> Result {
     for t in threads {
         t.join().unwrap();
     }
-    for (page, c) in free {
-        violations += check(&h, page, c);
-    }
     Result {
         rounds,
-        violations,
+        violations: pool.finish(&h),
         pins: pins.load(Ordering::Relaxed),
         drains: h.dev.metrics().snapshot().drains,
     }
@@ -252,37 +259,16 @@ fn stress_checker_catches_a_device_that_does_not_drain() {
 
 const RING_IOVA: u64 = 0x200_0000;
 
+/// UNMAPs the page at `iova` through the request queue and waits for the
+/// reply like a driver; returns its status.
 fn unmap_and_wait(h: &mut Harness, iova: u64) -> u8 {
-    let mut req = vec![4u8, 0, 0, 0];
-    req.extend_from_slice(&virtio_iommu::testing::unmap_body(1, iova, iova + 0xfff));
-    let r = virtio_iommu::testing::BUF_BASE;
-    let w = r + 0x1000;
-    h.mem.write_slice(&req, GuestAddress(r)).unwrap();
-    h.req_driver
-        .add(
-            &h.mem,
-            &[
-                virtio_iommu::testing::Buf {
-                    addr: GuestAddress(r),
-                    len: 28,
-                    write: false,
-                },
-                virtio_iommu::testing::Buf {
-                    addr: GuestAddress(w),
-                    len: 4,
-                    write: true,
-                },
-            ],
-        )
-        .unwrap();
-    loop {
-        h.dev.process_requests(&mut h.reqq, &h.mem).unwrap();
-        if h.req_driver.pop_used(&h.mem).is_some() {
-            break;
-        }
-        h.dev.wait_parked(std::time::Duration::from_millis(100));
-    }
-    h.mem.read_obj::<u8>(GuestAddress(w)).unwrap()
+    h.post(
+        0,
+        4,
+        &virtio_iommu::testing::unmap_body(1, iova, iova + 0xfff),
+    );
+    h.wait_reply();
+    h.posted_status(0)
 }
 
 fn run_rings(rounds: u64, workers: usize, drain: bool) -> Result {
@@ -325,28 +311,9 @@ fn run_rings(rounds: u64, workers: usize, drain: bool) -> Result {
         }));
     }
 
-    let mut free: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut next_page = 0u64;
-    let mut violations = 0u64;
-    let check = |h: &Harness, page: u64, c: u64| -> u64 {
-        let mut buf = [0u8; WORDS * 8];
-        h.mem
-            .read_slice(&mut buf, GuestAddress(PAGE_BASE + page * 0x1000))
-            .unwrap();
-        let intact = buf
-            .chunks_exact(8)
-            .all(|w| u64::from_le_bytes(w.try_into().unwrap()) == c);
-        u64::from(!intact)
-    };
+    let mut pool = PagePool::new(PAGES / 2);
     for round in 0..rounds {
-        let page = if free.len() as u64 >= PAGES / 2 {
-            let (page, c) = free.pop_front().unwrap();
-            violations += check(&h, page, c);
-            page
-        } else {
-            next_page += 1;
-            next_page - 1
-        };
+        let page = pool.next(&h);
         assert_eq!(
             h.map(
                 1,
@@ -378,25 +345,15 @@ fn run_rings(rounds: u64, workers: usize, drain: bool) -> Result {
         }
         assert_eq!(unmap_and_wait(&mut h, RING_IOVA), Status::Ok as u8);
         *current.lock().unwrap() = None;
-        let c = canary(page, round);
-        let fill: Vec<u8> = std::iter::repeat_n(c.to_le_bytes(), WORDS)
-            .flatten()
-            .collect();
-        h.mem
-            .write_slice(&fill, GuestAddress(PAGE_BASE + page * 0x1000))
-            .unwrap();
-        free.push_back((page, c));
+        pool.take_back(&h, page, round);
     }
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
     }
-    for (page, c) in free {
-        violations += check(&h, page, c);
-    }
     Result {
         rounds,
-        violations,
+        violations: pool.finish(&h),
         pins: sections.load(Ordering::Relaxed),
         drains: h.dev.metrics().snapshot().drains,
     }

@@ -401,6 +401,25 @@ impl RaceStats {
             self.inflight_at_unmap, self.status_ok, self.status_err, self.status_untouched, self.changed_max
         )
     }
+    /// Records a round's canary check: `changed` bytes differ from it.
+    fn canary_checked(&mut self, changed: usize) {
+        if changed > 0 {
+            self.violations += 1;
+        }
+        self.changed_max = self.changed_max.max(changed);
+    }
+
+    /// Ends a round; every 50 rounds, a progress line.
+    fn round_done(&mut self, variant: &str) {
+        self.rounds += 1;
+        if self.rounds % 50 == 0 {
+            say(&format!(
+                "dma-race-progress {variant}: rounds={} violations={}",
+                self.rounds, self.violations
+            ));
+        }
+    }
+
     fn count_status(&mut self, s: u8) {
         match s {
             0 => self.status_ok += 1,
@@ -471,19 +490,9 @@ fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
                 .map(|c| c.slot),
         );
         std::thread::sleep(Duration::from_millis(50));
-        let changed = data.count_not(0, cfg.race_len, CANARY);
-        if changed > 0 {
-            st.violations += 1;
-        }
-        st.changed_max = st.changed_max.max(changed);
+        st.canary_checked(data.count_not(0, cfg.race_len, CANARY));
         st.count_status(dev.slot_status(1));
-        st.rounds += 1;
-        if st.rounds % 100 == 0 {
-            say(&format!(
-                "dma-race-progress unmap: rounds={} violations={}",
-                st.rounds, st.violations
-            ));
-        }
+        st.round_done("unmap");
     }
     // Leave the device quiescent for the next user.
     dev.reset()?;
@@ -508,12 +517,8 @@ fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Re
         data.fill(0, cfg.race_len, CANARY);
         st.unmap_us.push(us);
         std::thread::sleep(cfg.settle);
-        let changed = data.count_not(0, cfg.race_len, CANARY);
-        if changed > 0 {
-            st.violations += 1;
-        }
-        st.changed_max = st.changed_max.max(changed);
-        st.rounds += 1;
+        st.canary_checked(data.count_not(0, cfg.race_len, CANARY));
+        st.round_done("detach");
     }
     // Bring the device back to a clean state.
     let dev = VirtioBlk::open(bdf, RING_IOVA)?;
@@ -552,11 +557,7 @@ fn race_ring(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<
         // Longer than the READs take: a device that still publishes their
         // used entries does so in this window.
         std::thread::sleep(cfg.settle);
-        let changed = dev.ring.count_not(USED_OFF, used_len, CANARY);
-        if changed > 0 {
-            st.violations += 1;
-        }
-        st.changed_max = st.changed_max.max(changed);
+        st.canary_checked(dev.ring.count_not(USED_OFF, used_len, CANARY));
         if dev.status()? & STATUS_NEEDS_RESET != 0 {
             st.needs_reset = st.needs_reset.map(|n| n + 1);
         }
@@ -566,13 +567,7 @@ fn race_ring(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<
         phase("dma-race ring: recover", r);
         dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
         dev.remap_rings_and_init()?;
-        st.rounds += 1;
-        if st.rounds % 50 == 0 {
-            say(&format!(
-                "dma-race-progress ring: rounds={} violations={}",
-                st.rounds, st.violations
-            ));
-        }
+        st.round_done("ring");
     }
     dev.reset()?;
     Ok(st)
@@ -597,20 +592,10 @@ fn race_reset(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
         dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
         data.fill(0, cfg.race_len, CANARY);
         std::thread::sleep(cfg.settle);
-        let changed = data.count_not(0, cfg.race_len, CANARY);
-        if changed > 0 {
-            st.violations += 1;
-        }
-        st.changed_max = st.changed_max.max(changed);
+        st.canary_checked(data.count_not(0, cfg.race_len, CANARY));
         st.count_status(dev.slot_status(1));
         dev.init()?;
-        st.rounds += 1;
-        if st.rounds % 50 == 0 {
-            say(&format!(
-                "dma-race-progress reset: rounds={} violations={}",
-                st.rounds, st.violations
-            ));
-        }
+        st.round_done("reset");
     }
     dev.reset()?;
     Ok(st)
