@@ -792,7 +792,7 @@ impl Bed {
                 .stderr(err)
                 .spawn()
                 .map_err(|e| format!("spawn {}: {e}", self.vmm.display()))?;
-            let (status, timed_out) = wait_timeout(&mut child, s.timeout)?;
+            let (status, timed_out) = wait_timeout(&mut child, s.timeout, &log)?;
             let elapsed = t.elapsed();
             let code = status.and_then(|s| s.code()).unwrap_or(-1);
             let mut f = fs::OpenOptions::new()
@@ -909,6 +909,70 @@ fn shared_libs(bin: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Follows a serial log while the guest runs and prints the lines that say
+/// how far it got (agent start and result, progress counters, the bed's
+/// retries and L1's verdict) on stderr as they arrive, with the time since
+/// the run started, so a long run is never silent.
+struct LiveTail {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    start: Instant,
+}
+
+impl LiveTail {
+    /// Line prefixes (after any console prefix) worth showing live.
+    const SHOWN: [&'static str; 6] = [
+        "AGENT-START",
+        "AGENT-RESULT",
+        "L1-RESULT",
+        "L1-ITER",
+        "BED-STOP",
+        "dma-race ",
+    ];
+
+    fn new(path: &Path) -> Self {
+        LiveTail {
+            path: path.to_path_buf(),
+            offset: 0,
+            partial: String::new(),
+            start: Instant::now(),
+        }
+    }
+
+    fn shown(line: &str) -> bool {
+        line.contains("-progress ") || Self::SHOWN.iter().any(|p| line.contains(p))
+    }
+
+    /// Prints what arrived since the last call.
+    fn poll(&mut self) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = fs::File::open(&self.path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        let Ok(n) = f.read_to_end(&mut buf) else {
+            return;
+        };
+        self.offset += n as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            let line = line.trim_end();
+            if Self::shown(line) {
+                eprintln!(
+                    "  [{:>6.1}s] {}",
+                    self.start.elapsed().as_secs_f64(),
+                    line.trim_start()
+                );
+            }
+        }
+    }
+}
+
 fn read_lines(p: &Path) -> Vec<String> {
     let bytes = fs::read(p).unwrap_or_default();
     String::from_utf8_lossy(&bytes)
@@ -920,10 +984,14 @@ fn read_lines(p: &Path) -> Vec<String> {
 fn wait_timeout(
     child: &mut std::process::Child,
     timeout: Duration,
+    log: &Path,
 ) -> Result<(Option<std::process::ExitStatus>, bool), String> {
     let t = Instant::now();
+    let mut tail = LiveTail::new(log);
     loop {
+        tail.poll();
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            tail.poll();
             return Ok((Some(st), false));
         }
         if t.elapsed() > timeout {
@@ -995,8 +1063,11 @@ fn wait_qemu(
 ) -> Result<(Option<std::process::ExitStatus>, bool), String> {
     let t = Instant::now();
     let mut last = (Instant::now(), cpu_time(child.id()));
+    let mut tail = LiveTail::new(log);
     loop {
+        tail.poll();
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            tail.poll();
             return Ok((Some(st), false));
         }
         let now = Instant::now();
@@ -1290,6 +1361,21 @@ mod tests {
         assert_eq!(m["status"], "fail");
         assert_eq!(m["error"], "a b=c");
         assert_eq!(m["x"], "1");
+    }
+
+    #[test]
+    fn live_tail_shows_results_and_progress_only() {
+        assert!(LiveTail::shown("AGENT-RESULT scenario=boot status=pass"));
+        assert!(LiveTail::shown(
+            "[   3.1] dma-race-progress unmap: rounds=100 violations=0"
+        ));
+        assert!(LiveTail::shown("dma-race ring: rounds=5 violations=0"));
+        assert!(!LiveTail::shown(
+            "dma-race-detail ring: inflight_at_unmap=5"
+        ));
+        assert!(!LiveTail::shown(
+            "virtio_blk virtio2: [vda] 524288 512-byte logical blocks"
+        ));
     }
 
     #[test]
