@@ -1,7 +1,7 @@
 //! virtio-blk over a raw image file, with DMA pinned through the IOMMU.
 //!
-//! One queue thread pops chains and parses them ([`request`]); a small
-//! worker pool runs them against the image ([`backend`]), writes the
+//! One queue thread pops chains and parses them (`request.rs`); a small
+//! worker pool runs them against the image (`backend.rs`), writes the
 //! status byte and publishes the used entry.
 //!
 //! Behind the IOMMU (`iommu=on`):
