@@ -17,6 +17,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(why) = vmm::host::kvm_unsuitable() {
+        if std::env::var_os("VMM_ALLOW_KVM_PVM").is_none() {
+            eprintln!("vmm: {why}");
+            return ExitCode::from(1);
+        }
+    }
     let start = Instant::now();
     let result = Vm::new(&cfg).and_then(|vm| vm.run());
     match result {
