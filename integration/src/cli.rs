@@ -37,10 +37,11 @@ pub struct Args {
         default_value = "size=512M"
     )]
     pub memory: String,
-    /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw (one or
-    /// more). Fault injection for tests: delay_us=N holds every request N
-    /// microseconds before its I/O; fail_every=N fails every Nth request
-    /// with VIRTIO_BLK_S_IOERR.
+    /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw,
+    /// id=NAME,queue_size=N (one or more; a raw image file or a block
+    /// device, locked while the VMM runs). Fault injection for tests:
+    /// delay_us=N holds every request N microseconds before its I/O;
+    /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR.
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
@@ -60,6 +61,11 @@ pub struct Args {
         default_value = "poll_us=10000"
     )]
     pub iommu: String,
+    /// Platform: iommu_segments=[0] puts every device of PCI segment 0
+    /// (the only one) behind the virtio-iommu; iommu_address_width=N (1 to
+    /// 64, default 64) sets the IOMMU's input range.
+    #[arg(long, value_name = "iommu_segments=[0],iommu_address_width=N")]
+    pub platform: Option<String>,
     /// virtio-console: only "off" is supported.
     #[arg(long, value_name = "off", default_value = "off")]
     pub console: String,
@@ -91,7 +97,7 @@ pub enum SerialMode {
 }
 
 /// One `--disk` value.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Backing file (raw image).
     pub path: PathBuf,
@@ -104,6 +110,29 @@ pub struct DiskConfig {
     pub delay_us: u64,
     /// Fault injection: fail every Nth request with IOERR (`fail_every=`).
     pub fail_every: u64,
+    /// Device name (`id=`): also the GET_ID string (default: the file
+    /// name).
+    pub id: Option<String>,
+    /// Size of the queue offered (`queue_size=`, a power of two up to
+    /// 1024; default 256).
+    pub queue_size: u16,
+}
+
+/// Queue size offered by default (`--disk queue_size=`).
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            path: PathBuf::new(),
+            iommu: false,
+            readonly: false,
+            delay_us: 0,
+            fail_every: 0,
+            id: None,
+            queue_size: DEFAULT_QUEUE_SIZE,
+        }
+    }
 }
 
 /// Validated VM configuration.
@@ -121,6 +150,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// `--iommu` options.
     pub iommu: IommuOptions,
+    /// `--platform` options.
+    pub platform: PlatformConfig,
 }
 
 /// `--iommu` options.
@@ -268,6 +299,8 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "image_type",
             "delay_us",
             "fail_every",
+            "id",
+            "queue_size",
         ],
     )?;
     let mut path = None;
@@ -275,8 +308,26 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut readonly = false;
     let mut delay_us = 0;
     let mut fail_every = 0;
+    let mut id = None;
+    let mut queue_size = DEFAULT_QUEUE_SIZE;
     for (k, v) in kv {
         match k {
+            "id" if v.is_empty() || v.contains(char::is_whitespace) => {
+                return Err(invalid("disk", format!("id={v:?}: a name without spaces")))
+            }
+            "id" => id = Some(v.to_string()),
+            "queue_size" => {
+                queue_size = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && (2..=1024).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            "disk",
+                            format!("queue_size={v:?}: a power of two from 2 to 1024"),
+                        )
+                    })?;
+            }
             "path" if v.is_empty() => return Err(invalid("disk", "path= is empty")),
             "path" => path = Some(PathBuf::from(v)),
             "iommu" => iommu = parse_on_off("disk", k, v)?,
@@ -311,7 +362,98 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         readonly,
         delay_us,
         fail_every,
+        id,
+        queue_size,
     })
+}
+
+/// `--platform` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlatformConfig {
+    /// Every device of segment 0 behind the IOMMU (`iommu_segments=[0]`).
+    pub iommu_segment0: bool,
+    /// Input range of the IOMMU in bits (`iommu_address_width=`).
+    pub iommu_address_width: u8,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            iommu_segment0: false,
+            iommu_address_width: 64,
+        }
+    }
+}
+
+/// Parses `--platform` (Cloud Hypervisor's names; this VMM has one PCI
+/// segment).
+pub fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
+    let mut p = PlatformConfig::default();
+    // Lists are written [a,b]: split on commas outside brackets.
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    let known = ["iommu_segments", "iommu_address_width"];
+    let mut seen = Vec::new();
+    for part in parts {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        if !known.contains(&k) {
+            return Err(invalid(
+                "platform",
+                format!("unknown option {k:?} (known: {})", known.join(", ")),
+            ));
+        }
+        if seen.contains(&k) {
+            return Err(invalid("platform", format!("option {k:?} given twice")));
+        }
+        seen.push(k);
+        match k {
+            "iommu_segments" => {
+                let list = v.trim_start_matches('[').trim_end_matches(']');
+                for seg in list.split(',') {
+                    match seg.trim().parse::<u16>() {
+                        Ok(0) => p.iommu_segment0 = true,
+                        Ok(n) => {
+                            return Err(invalid(
+                                "platform",
+                                format!("iommu_segments: segment {n} does not exist (only 0)"),
+                            ))
+                        }
+                        Err(_) => {
+                            return Err(invalid(
+                                "platform",
+                                format!("iommu_segments={v:?}: expected e.g. [0]"),
+                            ))
+                        }
+                    }
+                }
+            }
+            _ => {
+                p.iommu_address_width = v
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            "platform",
+                            format!("iommu_address_width={v:?}: from 1 to 64"),
+                        )
+                    })?;
+            }
+        }
+    }
+    Ok(p)
 }
 
 /// Parses `--iommu`.
@@ -378,6 +520,12 @@ impl VmConfig {
         }
         let memory = parse_memory(&args.memory)?;
         let iommu = parse_iommu(&args.iommu)?;
+        let platform = args
+            .platform
+            .as_deref()
+            .map(parse_platform)
+            .transpose()?
+            .unwrap_or_default();
         Ok(VmConfig {
             kernel: args.kernel.clone(),
             initramfs: args.initramfs.clone(),
@@ -388,10 +536,17 @@ impl VmConfig {
             disks: args
                 .disk
                 .iter()
-                .map(|d| parse_disk(d))
+                .map(|d| {
+                    parse_disk(d).map(|mut d| {
+                        // A segment behind the IOMMU takes all its devices.
+                        d.iommu |= platform.iommu_segment0;
+                        d
+                    })
+                })
                 .collect::<Result<_, _>>()?,
             serial: parse_serial(&args.serial)?,
             iommu,
+            platform,
         })
     }
 
@@ -420,6 +575,45 @@ mod tests {
 
     fn cfg(extra: &[&str]) -> Result<VmConfig, ConfigError> {
         VmConfig::parse(&args(extra).expect("clap"))
+    }
+
+    #[test]
+    fn disk_id_and_queue_size() {
+        let d = parse_disk("path=/a,id=disk0,queue_size=128").unwrap();
+        assert_eq!((d.id.as_deref(), d.queue_size), (Some("disk0"), 128));
+        assert_eq!(
+            parse_disk("path=/a").unwrap().queue_size,
+            DEFAULT_QUEUE_SIZE
+        );
+        for bad in [
+            "path=/a,queue_size=100",
+            "path=/a,queue_size=2048",
+            "path=/a,queue_size=0",
+            "path=/a,id=",
+            "path=/a,id=a b",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn platform_segments_and_address_width() {
+        let p = parse_platform("iommu_segments=[0],iommu_address_width=48").unwrap();
+        assert!(p.iommu_segment0);
+        assert_eq!(p.iommu_address_width, 48);
+        assert!(parse_platform("iommu_segments=0").unwrap().iommu_segment0);
+        for bad in [
+            "iommu_segments=[1]",
+            "iommu_segments=[0,1]",
+            "iommu_address_width=0",
+            "iommu_address_width=65",
+            "num_pci_segments=2",
+        ] {
+            assert!(parse_platform(bad).is_err(), "{bad}");
+        }
+        // A segment behind the IOMMU puts every disk behind it.
+        let c = cfg(&["--disk", "path=/a", "--platform", "iommu_segments=[0]"]).unwrap();
+        assert!(c.disks[0].iommu);
     }
 
     #[test]

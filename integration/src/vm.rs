@@ -235,6 +235,7 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             mem.clone(),
             virtio_iommu::IommuConfig {
                 drain: cfg.iommu.drain,
+                address_width_bits: cfg.platform.iommu_address_width,
                 ..Default::default()
             },
             cfg.iommu.poll,

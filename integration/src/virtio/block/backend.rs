@@ -44,19 +44,23 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Opens `cfg.path`.
+    /// Opens `cfg.path` (a raw image file or a block device) and locks it,
+    /// exclusively unless read-only (as Cloud Hypervisor does), so that two
+    /// VMs never write one image: a second open fails with a clear error.
     pub fn open(cfg: &DiskConfig) -> std::io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
             .open(&cfg.path)?;
-        let len = file.metadata()?.len();
+        lock(&file, cfg)?;
+        let len = size_of(&file)?;
         let mut id = [0u8; ID_LEN];
-        let name = cfg
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = cfg.id.clone().unwrap_or_else(|| {
+            cfg.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Backend {
@@ -121,6 +125,51 @@ impl Backend {
             Kind::Unsupported => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
+}
+
+/// Locks the image for this VMM: shared for a read-only disk, exclusive
+/// otherwise, never waiting.
+fn lock(file: &File, cfg: &DiskConfig) -> std::io::Result<()> {
+    let how = if cfg.readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file descriptor this function borrows; no memory
+    // is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use (locked by another VM or by this one: each image may be \
+                 given once, or several times only read-only)",
+                cfg.path.display()
+            ),
+        ));
+    }
+    Err(e)
+}
+
+/// Size in bytes of an image file or a block device.
+fn size_of(file: &File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t).
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+    // points to a live, exclusively borrowed u64.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
 }
 
 /// Copies `src` into the buffers; returns the bytes copied.
@@ -194,6 +243,31 @@ pub fn rw(file: &File, bufs: &[HostBuf], mut offset: u64, write: bool) -> std::i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_is_locked_while_open() {
+        let path = std::env::temp_dir().join(format!("vmm-lock-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let rw = DiskConfig {
+            path: path.clone(),
+            ..Default::default()
+        };
+        let ro = DiskConfig {
+            readonly: true,
+            ..rw.clone()
+        };
+        let first = Backend::open(&rw).unwrap();
+        let e = Backend::open(&rw)
+            .err()
+            .expect("a second writer is refused");
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(Backend::open(&ro).is_err(), "no reader next to a writer");
+        drop(first);
+        let a = Backend::open(&ro).unwrap();
+        let b = Backend::open(&ro).unwrap();
+        assert_eq!((a.capacity, b.capacity), (4096, 4096));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn rw_handles_many_buffers() {

@@ -51,8 +51,8 @@ use crate::cli::DiskConfig;
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
-/// Queue size offered.
-pub const QUEUE_SIZE: u16 = 256;
+/// Queue size offered unless `--disk queue_size=` says otherwise.
+pub const QUEUE_SIZE: u16 = crate::cli::DEFAULT_QUEUE_SIZE;
 /// Worker threads per disk doing the file I/O.
 pub const WORKERS: usize = 4;
 
@@ -423,6 +423,7 @@ pub struct Block {
     phys: GuestMemoryMmap,
     endpoint: Option<EndpointHandle>,
     backend: Arc<Backend>,
+    queue_size: u16,
     acked: u64,
     threads: Option<Threads>,
 }
@@ -439,6 +440,7 @@ impl Block {
             phys: mem,
             endpoint,
             backend: Arc::new(Backend::open(cfg)?),
+            queue_size: cfg.queue_size,
             acked: 0,
             threads: None,
         })
@@ -453,7 +455,7 @@ impl Block {
         let mut c = [0u8; 16];
         c[0..8].copy_from_slice(&self.sectors().to_le_bytes());
         // size_max (0: no limit offered), seg_max.
-        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c[12..16].copy_from_slice(&u32::from(self.queue_size - 2).to_le_bytes());
         c
     }
 
@@ -551,7 +553,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+        vec![self.queue_size]
     }
 
     fn device_features(&self) -> u64 {
