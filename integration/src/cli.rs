@@ -38,8 +38,8 @@ pub struct Args {
     )]
     pub memory: String,
     /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw,
-    /// id=NAME,queue_size=N (one or more; a raw image file or a block
-    /// device, locked while the VMM runs). Fault injection for tests:
+    /// id=NAME,queue_size=N,num_queues=N (one or more; a raw image file or
+    /// a block device, locked while the VMM runs). Fault injection for tests:
     /// delay_us=N holds every request N microseconds before its I/O;
     /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR.
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
@@ -116,6 +116,8 @@ pub struct DiskConfig {
     /// Size of the queue offered (`queue_size=`, a power of two up to
     /// 1024; default 256).
     pub queue_size: u16,
+    /// Request queues offered (`num_queues=`, 1 to 16; default 1).
+    pub num_queues: u16,
 }
 
 /// Queue size offered by default (`--disk queue_size=`).
@@ -131,6 +133,7 @@ impl Default for DiskConfig {
             fail_every: 0,
             id: None,
             queue_size: DEFAULT_QUEUE_SIZE,
+            num_queues: 1,
         }
     }
 }
@@ -301,6 +304,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "fail_every",
             "id",
             "queue_size",
+            "num_queues",
         ],
     )?;
     let mut path = None;
@@ -310,12 +314,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut fail_every = 0;
     let mut id = None;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
+    let mut num_queues = 1;
     for (k, v) in kv {
         match k {
             "id" if v.is_empty() || v.contains(char::is_whitespace) => {
                 return Err(invalid("disk", format!("id={v:?}: a name without spaces")))
             }
             "id" => id = Some(v.to_string()),
+            "num_queues" => {
+                num_queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=16).contains(n))
+                    .ok_or_else(|| invalid("disk", format!("num_queues={v:?}: 1 to 16")))?;
+            }
             "queue_size" => {
                 queue_size = v
                     .parse::<u16>()
@@ -364,6 +376,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         fail_every,
         id,
         queue_size,
+        num_queues,
     })
 }
 
@@ -579,8 +592,11 @@ mod tests {
 
     #[test]
     fn disk_id_and_queue_size() {
-        let d = parse_disk("path=/a,id=disk0,queue_size=128").unwrap();
+        let d = parse_disk("path=/a,id=disk0,queue_size=128,num_queues=4").unwrap();
         assert_eq!((d.id.as_deref(), d.queue_size), (Some("disk0"), 128));
+        assert_eq!(d.num_queues, 4);
+        assert!(parse_disk("path=/a,num_queues=0").is_err());
+        assert!(parse_disk("path=/a,num_queues=17").is_err());
         assert_eq!(
             parse_disk("path=/a").unwrap().queue_size,
             DEFAULT_QUEUE_SIZE

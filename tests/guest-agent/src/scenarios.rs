@@ -326,9 +326,20 @@ pub fn integrity(p: &Params) -> Res<String> {
         .iter()
         .map(|d| format!("{}({})", d.name, if d.iommu_on { "on" } else { "off" }))
         .collect();
+    // Request queues the kernel uses per disk (blk-mq hardware queues).
+    let queues: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            let n = fs::read_dir(format!("/sys/block/{}/mq", d.name))
+                .map(|e| e.count())
+                .unwrap_or(0);
+            format!("{}:{n}", d.id)
+        })
+        .collect();
     Ok(format!(
-        "disks={} threads={threads} written_kib={} read_kib={} secs={:.2} strict={}",
+        "disks={} queues={} threads={threads} written_kib={} read_kib={} secs={:.2} strict={}",
         names.join(","),
+        queues.join(","),
         written / 1024,
         read / 1024,
         t.elapsed().as_secs_f64(),

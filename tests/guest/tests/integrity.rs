@@ -1,5 +1,7 @@
 //! integrity: strict-mode L2 guest, O_DIRECT writes and reads of random
 //! blocks from several threads on iommu=on and iommu=off disks, verified.
+//! One iommu=on disk has two request queues (`num_queues=2`, both used by
+//! the guest's two vCPUs), each with its own leased rings.
 
 use guest_tests::{assert_agent_pass, bed_or_skip, env_num, report_timing, DiskSpec, Scenario};
 use std::time::Duration;
@@ -14,7 +16,7 @@ fn integrity() {
     s.disks = vec![
         DiskSpec::new("d0", 128, true),
         DiskSpec::new("d1", 128, false),
-        DiskSpec::new("d2", 128, true),
+        DiskSpec::new("d2", 128, true).with_vmm_opts("num_queues=2"),
     ];
     s.cpus = 2;
     s.params = vec![format!("mib={mib}"), "threads=4".into()];
@@ -38,5 +40,11 @@ fn integrity() {
         Some("1"),
         "{}",
         r.line
+    );
+    let queues = r.fields.get("queues").cloned().unwrap_or_default();
+    assert!(
+        queues.split(',').any(|q| q == "d2:2"),
+        "the guest did not use two queues on the num_queues=2 disk (queues={queues}); {}",
+        out.describe()
     );
 }

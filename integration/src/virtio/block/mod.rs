@@ -59,6 +59,7 @@ pub const WORKERS: usize = 4;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// How the device reaches its rings.
@@ -87,8 +88,12 @@ macro_rules! with_rings {
     };
 }
 
-/// A running device: its queue, rings, memory and interrupt.
+/// One running queue of the device: the queue, its rings, the memory and
+/// the interrupt. Each queue has its own ring lease; the backend, the
+/// workers and the stop flag are the device's.
 struct Running {
+    /// Queue index (for its interrupt).
+    index: u16,
     backend: Arc<Backend>,
     /// Guest-physical memory, for host pointers of pinned buffers.
     phys: GuestMemoryMmap,
@@ -97,8 +102,11 @@ struct Running {
     queue: Mutex<Queue>,
     interrupt: Arc<dyn VirtioInterrupt>,
     /// The driver reset the device: finish what is held, publish nothing.
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
 }
+
+/// A request for the workers, with the queue it came from.
+type Job = (Arc<Running>, Request);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -161,7 +169,7 @@ impl Running {
             }
         }
         if p.returned && q.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_queue(0);
+            self.interrupt.signal_queue(self.index);
             p.returned = false;
         }
         p.more = match q.enable_notification(mem) {
@@ -181,7 +189,7 @@ impl Running {
     /// a thread wake-up before its I/O starts; running it on this thread
     /// saves that. The ring's notifications are back on while it runs, so
     /// requests made available meanwhile are kicked and popped next.
-    fn drain_queue(&self, jobs: &Sender<Request>) {
+    fn drain_queue(self: &Arc<Self>, jobs: &Sender<Job>) {
         loop {
             let popped = {
                 let mut q = lock(&self.queue);
@@ -197,7 +205,7 @@ impl Running {
                 self.backend.in_flight.fetch_add(1, Ordering::AcqRel);
                 if inline {
                     self.complete(req);
-                } else if jobs.send(req).is_err() {
+                } else if jobs.send((self.clone(), req)).is_err() {
                     return;
                 }
             }
@@ -247,7 +255,7 @@ impl Running {
         self.backend.last_signalled.store(notify, Ordering::Relaxed);
         if notify {
             self.backend.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.signal_queue(0);
+            self.interrupt.signal_queue(self.index);
         }
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -327,7 +335,7 @@ impl StallCheck {
 }
 
 /// The queue thread: waits for notifies and feeds the workers.
-fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs: Sender<Request>) {
+fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs: Sender<Job>) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -381,11 +389,11 @@ fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs: Sender<Re
     }
 }
 
-/// A worker: runs requests until the queue thread goes away.
-fn worker_loop(run: Arc<Running>, jobs: Arc<Mutex<Receiver<Request>>>) {
+/// A worker: runs requests of any queue until the queue threads go away.
+fn worker_loop(jobs: Arc<Mutex<Receiver<Job>>>) {
     loop {
-        let req = match lock(&jobs).recv() {
-            Ok(r) => r,
+        let (run, req) = match lock(&jobs).recv() {
+            Ok(j) => j,
             Err(_) => return,
         };
         run.complete(req);
@@ -395,15 +403,15 @@ fn worker_loop(run: Arc<Running>, jobs: Arc<Mutex<Receiver<Request>>>) {
 /// Threads of an activated device.
 struct Threads {
     stop: EventFd,
-    run: Arc<Running>,
+    stopping: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Threads {
-    /// Tells the threads to stop: the queue thread leaves, the workers
+    /// Tells the threads to stop: the queue threads leave, the workers
     /// finish what they hold without publishing it.
     fn signal_stop(&self) {
-        self.run.stopping.store(true, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
     }
 
@@ -424,6 +432,7 @@ pub struct Block {
     endpoint: Option<EndpointHandle>,
     backend: Arc<Backend>,
     queue_size: u16,
+    num_queues: u16,
     acked: u64,
     threads: Option<Threads>,
 }
@@ -441,6 +450,7 @@ impl Block {
             endpoint,
             backend: Arc::new(Backend::open(cfg)?),
             queue_size: cfg.queue_size,
+            num_queues: cfg.num_queues,
             acked: 0,
             threads: None,
         })
@@ -451,11 +461,14 @@ impl Block {
         self.backend.capacity / request::SECTOR
     }
 
-    fn config_bytes(&self) -> [u8; 16] {
-        let mut c = [0u8; 16];
+    /// `struct virtio_blk_config` up to `num_queues` (virtio 1.2, 5.2.4):
+    /// capacity, size_max (0: none offered), seg_max, ..., num_queues at
+    /// offset 34 (read only with VIRTIO_BLK_F_MQ).
+    fn config_bytes(&self) -> [u8; 36] {
+        let mut c = [0u8; 36];
         c[0..8].copy_from_slice(&self.sectors().to_le_bytes());
-        // size_max (0: no limit offered), seg_max.
         c[12..16].copy_from_slice(&u32::from(self.queue_size - 2).to_le_bytes());
+        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         c
     }
 
@@ -486,54 +499,69 @@ impl Block {
         }
     }
 
+    /// Starts one queue thread per queue (each with its own ring lease)
+    /// and the workers they share.
     fn spawn(
         &mut self,
-        queue: ActiveQueue,
+        queues: Vec<ActiveQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         let err = |e: std::io::Error| ActivateError(e.to_string());
-        let notify = queue
-            .notify
-            .ok_or_else(|| ActivateError("virtio-blk needs a notify eventfd".into()))?;
-        let rings = self.rings(&queue.queue, &interrupt)?;
-        let run = Arc::new(Running {
-            backend: self.backend.clone(),
-            phys: self.phys.clone(),
-            rings,
-            endpoint: self.endpoint.clone(),
-            queue: Mutex::new(queue.queue),
-            interrupt,
-            stopping: AtomicBool::new(false),
-        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut runs = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let notify = queue
+                .notify
+                .ok_or_else(|| ActivateError("virtio-blk needs a notify eventfd".into()))?;
+            let rings = self.rings(&queue.queue, &interrupt)?;
+            let run = Arc::new(Running {
+                index: queue.index,
+                backend: self.backend.clone(),
+                phys: self.phys.clone(),
+                rings,
+                endpoint: self.endpoint.clone(),
+                queue: Mutex::new(queue.queue),
+                interrupt: interrupt.clone(),
+                stopping: stopping.clone(),
+            });
+            runs.push((run, notify));
+        }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(err)?;
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
         for i in 0..WORKERS {
-            let run = run.clone();
             let rx = rx.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("blk-worker{i}"))
                     .spawn(move || {
-                        worker_loop(run, rx);
+                        worker_loop(rx);
                         crate::trace::thread_exit();
                     })
                     .map_err(err)?,
             );
         }
-        let stop2 = stop.try_clone().map_err(err)?;
-        let run2 = run.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("blk-queue".into())
-                .spawn(move || {
-                    queue_loop(run2, notify, stop2, tx);
-                    crate::trace::thread_exit();
-                })
-                .map_err(err)?,
-        );
-        self.threads = Some(Threads { stop, run, threads });
+        for (run, notify) in runs {
+            let stop = stop.try_clone().map_err(err)?;
+            let tx = tx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("blk-queue{}", run.index))
+                    .spawn(move || {
+                        queue_loop(run, notify, stop, tx);
+                        crate::trace::thread_exit();
+                    })
+                    .map_err(err)?,
+            );
+        }
+        // The workers end when the last queue thread drops its sender.
+        drop(tx);
+        self.threads = Some(Threads {
+            stop,
+            stopping,
+            threads,
+        });
         Ok(())
     }
 
@@ -553,7 +581,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.queue_size]
+        vec![self.queue_size; usize::from(self.num_queues)]
     }
 
     fn device_features(&self) -> u64 {
@@ -563,6 +591,9 @@ impl VirtioDevice for Block {
             | VIRTIO_RING_F_EVENT_IDX;
         if self.backend.readonly {
             f |= VIRTIO_BLK_F_RO;
+        }
+        if self.num_queues > 1 {
+            f |= VIRTIO_BLK_F_MQ;
         }
         if self.endpoint.is_some() {
             f |= VIRTIO_F_ACCESS_PLATFORM;
@@ -592,15 +623,19 @@ impl VirtioDevice for Block {
 
     fn activate(
         &mut self,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.stop_threads();
-        let q = match queues.len() {
-            1 => queues.remove(0),
-            n => return Err(ActivateError(format!("expected 1 queue, got {n}"))),
-        };
-        self.spawn(q, interrupt)
+        // A driver may use fewer queues than offered (Linux: one per CPU).
+        if queues.is_empty() || queues.len() > usize::from(self.num_queues) {
+            return Err(ActivateError(format!(
+                "expected 1 to {} queues, got {}",
+                self.num_queues,
+                queues.len()
+            )));
+        }
+        self.spawn(queues, interrupt)
     }
 
     fn reset(&mut self) -> bool {
