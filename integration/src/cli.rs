@@ -38,8 +38,9 @@ pub struct Args {
     )]
     pub memory: String,
     /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw,
-    /// id=NAME,queue_size=N,num_queues=N (one or more; a raw image file or
-    /// a block device, locked while the VMM runs). Fault injection for tests:
+    /// id=NAME,queue_size=N,num_queues=N,direct=on|off (one or more; a
+    /// raw image file or a block device, locked while the VMM runs;
+    /// direct=on bypasses the host page cache). Fault injection for tests:
     /// delay_us=N holds every request N microseconds before its I/O;
     /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR.
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
@@ -61,7 +62,7 @@ pub struct Args {
         default_value = "poll_us=10000"
     )]
     pub iommu: String,
-    /// Platform: iommu_segments=[0] puts every device of PCI segment 0
+    /// Platform: `iommu_segments=[0]` puts every device of PCI segment 0
     /// (the only one) behind the virtio-iommu; iommu_address_width=N (1 to
     /// 64, default 64) sets the IOMMU's input range.
     #[arg(long, value_name = "iommu_segments=[0],iommu_address_width=N")]
@@ -118,6 +119,8 @@ pub struct DiskConfig {
     pub queue_size: u16,
     /// Request queues offered (`num_queues=`, 1 to 16; default 1).
     pub num_queues: u16,
+    /// Bypass the host page cache (`direct=on`: O_DIRECT).
+    pub direct: bool,
 }
 
 /// Queue size offered by default (`--disk queue_size=`).
@@ -134,6 +137,7 @@ impl Default for DiskConfig {
             id: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             num_queues: 1,
+            direct: false,
         }
     }
 }
@@ -305,6 +309,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "id",
             "queue_size",
             "num_queues",
+            "direct",
         ],
     )?;
     let mut path = None;
@@ -315,12 +320,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut id = None;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut num_queues = 1;
+    let mut direct = false;
     for (k, v) in kv {
         match k {
             "id" if v.is_empty() || v.contains(char::is_whitespace) => {
                 return Err(invalid("disk", format!("id={v:?}: a name without spaces")))
             }
             "id" => id = Some(v.to_string()),
+            "direct" => direct = parse_on_off("disk", k, v)?,
             "num_queues" => {
                 num_queues = v
                     .parse::<u16>()
@@ -377,6 +384,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         id,
         queue_size,
         num_queues,
+        direct,
     })
 }
 
@@ -595,6 +603,8 @@ mod tests {
         let d = parse_disk("path=/a,id=disk0,queue_size=128,num_queues=4").unwrap();
         assert_eq!((d.id.as_deref(), d.queue_size), (Some("disk0"), 128));
         assert_eq!(d.num_queues, 4);
+        assert!(parse_disk("path=/a,direct=on").unwrap().direct);
+        assert!(parse_disk("path=/a,direct=yes").is_err());
         assert!(parse_disk("path=/a,num_queues=0").is_err());
         assert!(parse_disk("path=/a,num_queues=17").is_err());
         assert_eq!(
@@ -781,7 +791,8 @@ mod tests {
             "path=",
             "path=/a,iommu=yes",
             "path=/a,image_type=qcow2",
-            "path=/a,direct=on",
+            "path=/a,direct=maybe",
+            "path=/a,vhost_user=on",
             "path=/a,,iommu=on",
             "path=/a,path=/b",
             "path=/a,readonly=1",

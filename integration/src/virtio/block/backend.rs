@@ -1,6 +1,7 @@
-//! The disk behind a virtio-blk device: a raw image file, and the
-//! execution of parsed requests against it with blocking `preadv`,
-//! `pwritev` and `fdatasync` straight into (pinned) guest memory. Fault
+//! The disk behind a virtio-blk device: a raw image file or block device,
+//! and the execution of parsed requests against it with blocking
+//! `preadv`, `pwritev` and `fdatasync` straight into (pinned) guest
+//! memory, or through O_DIRECT with `direct=on` (`direct.rs`). Fault
 //! injection for tests (`delay_us`, `fail_every`) lives here too.
 
 use std::fs::{File, OpenOptions};
@@ -23,6 +24,8 @@ const MAX_IOVECS: usize = 1024;
 /// the counters the device and its stall report share.
 pub struct Backend {
     file: File,
+    /// The O_DIRECT side of the image (`direct=on`).
+    direct: Option<super::direct::Direct>,
     /// Capacity in bytes (whole sectors).
     pub capacity: u64,
     /// Writes are refused.
@@ -54,6 +57,11 @@ impl Backend {
             .open(&cfg.path)?;
         lock(&file, cfg)?;
         let len = size_of(&file)?;
+        let direct = if cfg.direct {
+            Some(super::direct::Direct::open(cfg)?)
+        } else {
+            None
+        };
         let mut id = [0u8; ID_LEN];
         let name = cfg.id.clone().unwrap_or_else(|| {
             cfg.path
@@ -65,6 +73,7 @@ impl Backend {
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Backend {
             file,
+            direct,
             capacity: len / SECTOR * SECTOR,
             readonly: cfg.readonly,
             id,
@@ -103,14 +112,14 @@ impl Backend {
         // The parser checked that the range is inside the disk.
         let offset = req.sector * SECTOR;
         match req.kind {
-            Kind::In => match rw(&self.file, &req.data, offset, false) {
+            Kind::In => match self.transfer(&req.data, offset, false) {
                 Ok(()) => (VIRTIO_BLK_S_OK, req.data_len),
                 Err(e) => {
                     log::warn!("virtio-blk: read at sector {}: {e}", req.sector);
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             },
-            Kind::Out => match rw(&self.file, &req.data, offset, true) {
+            Kind::Out => match self.transfer(&req.data, offset, true) {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     log::warn!("virtio-blk: write at sector {}: {e}", req.sector);
@@ -123,6 +132,17 @@ impl Backend {
             },
             Kind::GetId => (VIRTIO_BLK_S_OK, copy_to_bufs(&self.id, &req.data) as u64),
             Kind::Unsupported => (VIRTIO_BLK_S_UNSUPP, 0),
+        }
+    }
+}
+
+impl Backend {
+    /// Reads (`write == false`) or writes the whole of `bufs` at `offset`,
+    /// directly when the disk is `direct=on`.
+    fn transfer(&self, bufs: &[HostBuf], offset: u64, write: bool) -> std::io::Result<()> {
+        match &self.direct {
+            Some(d) => d.transfer(&self.file, bufs, offset, write),
+            None => rw(&self.file, bufs, offset, write),
         }
     }
 }
