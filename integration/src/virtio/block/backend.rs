@@ -130,7 +130,10 @@ impl Backend {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(_) => (VIRTIO_BLK_S_IOERR, 0),
             },
-            Kind::GetId => (VIRTIO_BLK_S_OK, copy_to_bufs(&self.id, &req.data) as u64),
+            Kind::GetId => (
+                VIRTIO_BLK_S_OK,
+                copy_into_bufs(&req.data, 0, &self.id) as u64,
+            ),
             Kind::Unsupported => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
@@ -192,18 +195,44 @@ fn size_of(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
-/// Copies `src` into the buffers; returns the bytes copied.
-pub fn copy_to_bufs(src: &[u8], bufs: &[HostBuf]) -> usize {
+/// Copies the guest bytes of `bufs` starting at byte `pos` into `dst`
+/// (as many as `bufs` holds from there).
+pub fn copy_from_bufs(bufs: &[HostBuf], mut pos: usize, dst: &mut [u8]) {
     let mut done = 0;
     for b in bufs {
+        if pos >= b.len {
+            pos -= b.len;
+            continue;
+        }
+        let n = (b.len - pos).min(dst.len() - done);
+        // SAFETY: `b` covers `b.len` bytes of pinned guest memory (see
+        // HostBuf) and `pos + n <= b.len`; `dst` is a separate host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(b.ptr.add(pos), dst[done..].as_mut_ptr(), n) };
+        done += n;
+        pos = 0;
+        if done == dst.len() {
+            return;
+        }
+    }
+}
+
+/// Copies `src` into the guest bytes of `bufs` starting at byte `pos`;
+/// returns the bytes copied (fewer than `src` when `bufs` ends first).
+pub fn copy_into_bufs(bufs: &[HostBuf], mut pos: usize, src: &[u8]) -> usize {
+    let mut done = 0;
+    for b in bufs {
+        if pos >= b.len {
+            pos -= b.len;
+            continue;
+        }
+        let n = (b.len - pos).min(src.len() - done);
+        // SAFETY: as in `copy_from_bufs`, in the other direction.
+        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), b.ptr.add(pos), n) };
+        done += n;
+        pos = 0;
         if done == src.len() {
             break;
         }
-        let n = b.len.min(src.len() - done);
-        // SAFETY: `b` covers `b.len` bytes of pinned guest memory (see
-        // HostBuf); `src` is a separate host buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), b.ptr, n) };
-        done += n;
     }
     done
 }
@@ -326,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_to_bufs_spans_buffers() {
+    fn copy_into_bufs_spans_buffers() {
         let mut a = [0u8; 3];
         let mut b = [0u8; 30];
         let bufs = [
@@ -339,8 +368,29 @@ mod tests {
                 len: 30,
             },
         ];
-        assert_eq!(copy_to_bufs(b"abcdefghij0123456789", &bufs), 20);
+        assert_eq!(copy_into_bufs(&bufs, 0, b"abcdefghij0123456789"), 20);
         assert_eq!(&a, b"abc");
         assert_eq!(&b[..17], b"defghij0123456789");
+    }
+
+    #[test]
+    fn bounce_copies_span_buffers() {
+        let mut a = [1u8, 2, 3];
+        let mut b = [4u8, 5, 6, 7];
+        let bufs = [
+            HostBuf {
+                ptr: a.as_mut_ptr(),
+                len: 3,
+            },
+            HostBuf {
+                ptr: b.as_mut_ptr(),
+                len: 4,
+            },
+        ];
+        let mut out = [0u8; 4];
+        copy_from_bufs(&bufs, 2, &mut out);
+        assert_eq!(out, [3, 4, 5, 6]);
+        copy_into_bufs(&bufs, 1, &[9, 9, 9, 9, 9]);
+        assert_eq!((a, b), ([1, 9, 9], [9, 9, 9, 7]));
     }
 }

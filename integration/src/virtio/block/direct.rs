@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 
-use super::backend::rw;
+use super::backend::{copy_from_bufs, copy_into_bufs, rw};
 use super::request::HostBuf;
 use crate::cli::DiskConfig;
 
@@ -159,45 +159,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Copies the guest bytes of `bufs` starting at byte `pos` into `dst`.
-fn copy_from_bufs(bufs: &[HostBuf], mut pos: usize, dst: &mut [u8]) {
-    let mut done = 0;
-    for b in bufs {
-        if pos >= b.len {
-            pos -= b.len;
-            continue;
-        }
-        let n = (b.len - pos).min(dst.len() - done);
-        // SAFETY: `b` covers `b.len` bytes of pinned guest memory (see
-        // HostBuf) and `pos + n <= b.len`; `dst` is a separate host buffer.
-        unsafe { std::ptr::copy_nonoverlapping(b.ptr.add(pos), dst[done..].as_mut_ptr(), n) };
-        done += n;
-        pos = 0;
-        if done == dst.len() {
-            return;
-        }
-    }
-}
-
-/// Copies `src` into the guest bytes of `bufs` starting at byte `pos`.
-fn copy_into_bufs(bufs: &[HostBuf], mut pos: usize, src: &[u8]) {
-    let mut done = 0;
-    for b in bufs {
-        if pos >= b.len {
-            pos -= b.len;
-            continue;
-        }
-        let n = (b.len - pos).min(src.len() - done);
-        // SAFETY: as in `copy_from_bufs`, in the other direction.
-        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), b.ptr.add(pos), n) };
-        done += n;
-        pos = 0;
-        if done == src.len() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,26 +218,5 @@ mod tests {
         d.transfer(&buffered, &bk, 512, false).unwrap();
         assert_eq!(back, &odd[3..]);
         std::fs::remove_file(&path).unwrap();
-    }
-
-    #[test]
-    fn bounce_copies_span_buffers() {
-        let mut a = [1u8, 2, 3];
-        let mut b = [4u8, 5, 6, 7];
-        let bufs = [
-            HostBuf {
-                ptr: a.as_mut_ptr(),
-                len: 3,
-            },
-            HostBuf {
-                ptr: b.as_mut_ptr(),
-                len: 4,
-            },
-        ];
-        let mut out = [0u8; 4];
-        copy_from_bufs(&bufs, 2, &mut out);
-        assert_eq!(out, [3, 4, 5, 6]);
-        copy_into_bufs(&bufs, 1, &[9, 9, 9, 9, 9]);
-        assert_eq!((a, b), ([1, 9, 9], [9, 9, 9, 7]));
     }
 }
