@@ -13,7 +13,6 @@
 //! later request overtake an UNMAP whose DMA is still draining.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::endian::{Le16, Le64};
@@ -390,10 +389,5 @@ impl RequestEngine {
         self.write_tail(mem, probe_size, status);
         metrics.count_request(req_type::PROBE, status);
         Handled::Done((probe_size + TAIL_LEN) as u32)
-    }
-
-    /// When the parked request's drain started, if any.
-    pub fn parked_since(&self) -> Option<Instant> {
-        self.parked.as_ref().map(|p| p.drain.started())
     }
 }

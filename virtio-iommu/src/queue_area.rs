@@ -52,7 +52,9 @@ use vm_memory::{
 
 use crate::lease::Lease;
 use crate::sync::Arc;
-use crate::tracker::{Drain, EndpointCore, GpaRange, GpaRanges, Pin, RevokeHook, TranslateError};
+use crate::tracker::{
+    last_byte, Drain, EndpointCore, GpaRange, GpaRanges, Pin, RevokeHook, TranslateError,
+};
 use crate::translate::EndpointHandle;
 
 /// One area a device accesses for as long as its queue runs.
@@ -289,7 +291,7 @@ impl QueueAreas {
     /// `access`.
     #[inline]
     fn area_of(&self, iova: u64, len: u64, access: Permissions) -> Option<(usize, &CachedArea)> {
-        let last = iova.checked_add(len.checked_sub(1)?)?;
+        let last = last_byte(iova, len)?;
         self.areas
             .iter()
             .enumerate()

@@ -298,7 +298,7 @@ pub(crate) fn translate_in(
     len: u64,
     access: Permissions,
 ) -> Result<GpaRanges, TranslateError> {
-    let last = iova.checked_add(len - 1).ok_or(TranslateError::BadRange)?;
+    let last = last_byte(iova, len).ok_or(TranslateError::BadRange)?;
     let mut cur = iova;
     let mut out: Option<GpaRanges> = None;
     loop {
@@ -325,13 +325,17 @@ pub(crate) fn translate_in(
     }
 }
 
+/// The last byte of the guest-chosen range `[iova, iova + len)`, or `None`
+/// when the range is empty or wraps: every (address, length) a guest
+/// supplies goes through here before any other arithmetic on it.
+pub(crate) fn last_byte(iova: u64, len: u64) -> Option<u64> {
+    iova.checked_add(len.checked_sub(1)?)
+}
+
 /// Checks an identity-translated range: non-empty, no wrap, inside the
 /// input range. Returns its last address.
 pub(crate) fn identity_range(iova: u64, len: u64, input_end: u64) -> Result<u64, TranslateError> {
-    let last = len
-        .checked_sub(1)
-        .and_then(|l| iova.checked_add(l))
-        .ok_or(TranslateError::BadRange)?;
+    let last = last_byte(iova, len).ok_or(TranslateError::BadRange)?;
     if last > input_end {
         return Err(TranslateError::BadRange);
     }
@@ -503,10 +507,7 @@ impl EndpointCore {
             };
             for (i, &(iova, len, access)) in areas.iter().enumerate() {
                 // Guest-chosen: checked before any arithmetic on it.
-                let last = len
-                    .checked_sub(1)
-                    .and_then(|l| iova.checked_add(l))
-                    .ok_or((TranslateError::BadRange, i))?;
+                let last = last_byte(iova, len).ok_or((TranslateError::BadRange, i))?;
                 let gpa = match (&route, &tree) {
                     (Route::Identity(_), _) => {
                         identity_range(iova, len, self.shared.input_end).map_err(|e| (e, i))?;

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::events::Fault;
 use crate::sync::{lock, read, Arc};
-use crate::tracker::{EndpointCore, GpaRanges, Pin, RevokeHook, Route, TranslateError};
+use crate::tracker::{last_byte, EndpointCore, GpaRanges, Pin, RevokeHook, Route, TranslateError};
 
 /// The per-endpoint translation handle.
 ///
@@ -248,9 +248,7 @@ impl vm_memory::Iommu for EndpointHandle {
         // end below 2^64 - 1; it must also lie in the input range (and be
         // non-empty: nothing is translated for nothing).
         let len = length as u64;
-        let in_range = len
-            .checked_sub(1)
-            .and_then(|l| iova.0.checked_add(l))
+        let in_range = last_byte(iova.0, len)
             .is_some_and(|last| last < u64::MAX && last <= self.core.shared.input_end);
         if !in_range {
             self.report_fault(TranslateError::BadRange, iova.0, len, access);
