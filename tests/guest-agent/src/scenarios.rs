@@ -605,7 +605,8 @@ fn race_reset(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
         std::thread::sleep(cfg.settle);
         st.canary_checked(data.count_not(0, cfg.race_len, CANARY));
         st.count_status(dev.slot_status(1));
-        dev.init()?;
+        // The reset above completed; set up the device on it.
+        dev.setup()?;
         st.round_done("reset");
     }
     dev.reset()?;

@@ -329,13 +329,13 @@ impl VirtioBlk {
         self.sess.unmap_dma(self.ring_iova, RINGS_LEN as u64)
     }
 
-    /// Maps the rings again after [`Self::unmap_rings`] and re-initialises
-    /// the device (reset, negotiation, fresh queue).
+    /// Resets the device, maps the rings again after
+    /// [`Self::unmap_rings`] and sets the device up on them.
     pub fn remap_rings_and_init(&mut self) -> Res<()> {
         self.reset()?;
         self.sess
             .map_dma(self.ring.ptr, self.ring_iova, RINGS_LEN as u64)?;
-        self.init()
+        self.setup()
     }
 
     /// Size of the used ring in bytes (flags, idx, entries, avail_event).
@@ -443,11 +443,16 @@ impl VirtioBlk {
         Ok(())
     }
 
-    /// Resets the device and sets it up from scratch: negotiation, queue 0
-    /// on a zeroed ring, DRIVER_OK.
+    /// Resets the device and sets it up from scratch (see [`Self::setup`]).
     pub fn init(&mut self) -> Res<()> {
-        let c = self.common;
         self.reset()?;
+        self.setup()
+    }
+
+    /// Sets up a device that reads back status 0: negotiation, queue 0 on
+    /// a zeroed ring, DRIVER_OK.
+    pub fn setup(&mut self) -> Res<()> {
+        let c = self.common;
         self.set_status(STATUS_ACKNOWLEDGE)?;
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
         self.w32(c, CC_DEVICE_FEATURE_SELECT, 0)?;
