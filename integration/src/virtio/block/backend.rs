@@ -328,28 +328,16 @@ mod tests {
             .open(&dir)
             .unwrap();
         let mut src: Vec<Vec<u8>> = (0..2000u32).map(|i| vec![i as u8; 2]).collect();
-        let bufs: Vec<HostBuf> = src
-            .iter_mut()
-            .map(|v| HostBuf {
-                ptr: v.as_mut_ptr(),
-                len: v.len(),
-            })
-            .collect();
+        let bufs: Vec<HostBuf> = src.iter_mut().map(|v| HostBuf::over(v)).collect();
         rw(&f, &bufs, 512, true).unwrap();
         let mut dst = vec![0u8; 4000];
-        let one = [HostBuf {
-            ptr: dst.as_mut_ptr(),
-            len: dst.len(),
-        }];
+        let one = [HostBuf::over(&mut dst)];
         rw(&f, &one, 512, false).unwrap();
         for i in 0..2000usize {
             assert_eq!(&dst[2 * i..2 * i + 2], &[i as u8; 2]);
         }
         let mut big = vec![0u8; 9000];
-        let past = [HostBuf {
-            ptr: big.as_mut_ptr(),
-            len: big.len(),
-        }];
+        let past = [HostBuf::over(&mut big)];
         assert!(rw(&f, &past, 0, false).is_err(), "EOF is an error");
         std::fs::remove_file(&dir).unwrap();
     }
@@ -358,16 +346,7 @@ mod tests {
     fn copy_into_bufs_spans_buffers() {
         let mut a = [0u8; 3];
         let mut b = [0u8; 30];
-        let bufs = [
-            HostBuf {
-                ptr: a.as_mut_ptr(),
-                len: 3,
-            },
-            HostBuf {
-                ptr: b.as_mut_ptr(),
-                len: 30,
-            },
-        ];
+        let bufs = [HostBuf::over(&mut a), HostBuf::over(&mut b)];
         assert_eq!(copy_into_bufs(&bufs, 0, b"abcdefghij0123456789"), 20);
         assert_eq!(&a, b"abc");
         assert_eq!(&b[..17], b"defghij0123456789");
@@ -377,16 +356,7 @@ mod tests {
     fn bounce_copies_span_buffers() {
         let mut a = [1u8, 2, 3];
         let mut b = [4u8, 5, 6, 7];
-        let bufs = [
-            HostBuf {
-                ptr: a.as_mut_ptr(),
-                len: 3,
-            },
-            HostBuf {
-                ptr: b.as_mut_ptr(),
-                len: 4,
-            },
-        ];
+        let bufs = [HostBuf::over(&mut a), HostBuf::over(&mut b)];
         let mut out = [0u8; 4];
         copy_from_bufs(&bufs, 2, &mut out);
         assert_eq!(out, [3, 4, 5, 6]);

@@ -84,10 +84,7 @@ impl Direct {
         while pos < total {
             let n = chunk.min(total - pos);
             let part = &mut bounce.as_mut_slice()[..n];
-            let host = [HostBuf {
-                ptr: part.as_mut_ptr(),
-                len: n,
-            }];
+            let host = [HostBuf::over(part)];
             if write {
                 copy_from_bufs(bufs, pos, part);
                 rw(&self.file, &host, offset + pos as u64, true)?;
@@ -194,16 +191,10 @@ mod tests {
         for (i, v) in aligned.as_mut_slice().iter_mut().enumerate() {
             *v = (i % 251) as u8;
         }
-        let a = [HostBuf {
-            ptr: aligned.as_mut_slice().as_mut_ptr(),
-            len: 8192,
-        }];
+        let a = [HostBuf::over(aligned.as_mut_slice())];
         d.transfer(&buffered, &a, 4096, true).unwrap();
         let mut odd = vec![0u8; 8192 + 3];
-        let o = [HostBuf {
-            ptr: odd[3..].as_mut_ptr(),
-            len: 8192,
-        }];
+        let o = [HostBuf::over(&mut odd[3..])];
         d.transfer(&buffered, &o, 4096, false).unwrap();
         assert_eq!(&odd[3..], aligned.as_mut_slice());
         for v in odd[3..].iter_mut() {
@@ -211,10 +202,7 @@ mod tests {
         }
         d.transfer(&buffered, &o, 512, true).unwrap();
         let mut back = vec![0u8; 8192];
-        let bk = [HostBuf {
-            ptr: back.as_mut_ptr(),
-            len: 8192,
-        }];
+        let bk = [HostBuf::over(&mut back)];
         d.transfer(&buffered, &bk, 512, false).unwrap();
         assert_eq!(back, &odd[3..]);
         std::fs::remove_file(&path).unwrap();

@@ -34,7 +34,7 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 /// The request type is not supported.
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
-/// A host buffer inside guest memory.
+/// A host buffer: guest memory behind a request, or a bounce buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct HostBuf {
     /// Host address.
@@ -48,6 +48,17 @@ pub struct HostBuf {
 // outlives it; concurrent guest access to the same bytes is inherent to DMA
 // and only ever done through volatile/raw copies, never references.
 unsafe impl Send for HostBuf {}
+
+impl HostBuf {
+    /// A buffer over host-owned `bytes` (a bounce buffer, a test's
+    /// vector); the caller keeps them alive while the buffer is used.
+    pub fn over(bytes: &mut [u8]) -> Self {
+        HostBuf {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+        }
+    }
+}
 
 /// Cancellation of one request, set by its pins' revoke hook.
 #[derive(Default)]
