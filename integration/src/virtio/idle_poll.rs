@@ -31,6 +31,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::lock;
+
 /// How often the watchdog checks an idle-priority poller's progress.
 pub const WATCHDOG_PERIOD: Duration = Duration::from_millis(10);
 
@@ -183,7 +185,7 @@ impl IdlePoller {
         }
         self.shared.state.store(IDLE, Ordering::Release);
         {
-            let _g = self.shared.stop.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = lock(&self.shared.stop);
             self.shared.wake.notify_one();
         }
         if let Err(e) = set_policy(0, true) {
@@ -228,7 +230,7 @@ impl Drop for IdlePoller {
                 "virtio-iommu: the watchdog moved a starved poller back to normal priority {boosts} times"
             );
         }
-        *self.shared.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(&self.shared.stop) = true;
         self.shared.wake.notify_one();
         if let Some(h) = self.watchdog.take() {
             let _ = h.join();
@@ -241,7 +243,7 @@ impl Drop for IdlePoller {
 /// heartbeat (again if need be: the poller may have set itself idle just
 /// after a boost).
 fn watch(s: &Shared) {
-    let mut stop = s.stop.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stop = lock(&s.stop);
     loop {
         while !*stop && s.state.load(Ordering::Acquire) == NORMAL {
             stop = s.wake.wait(stop).unwrap_or_else(|e| e.into_inner());

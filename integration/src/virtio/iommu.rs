@@ -29,7 +29,7 @@
 //! the grace period has passed.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::idle_poll::IdlePoller;
-use super::{ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrupt};
+use super::{lock, ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrupt};
 
 /// Virtio device type of the IOMMU.
 pub const VIRTIO_ID_IOMMU: u32 = 23;
@@ -131,12 +131,6 @@ impl Inner {
         let r = self.dev.process_events(q, mem);
         publish(q, EVENT_QUEUE, mem, self.interrupt.as_ref(), r);
     }
-}
-
-fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    // A panic while holding the lock already ended the VMM's usefulness;
-    // keep serving rather than poisoning every later access.
-    inner.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The virtio-iommu PCI function's device half.

@@ -6,7 +6,7 @@
 //! accepted, config space accesses, and `activate` with ready queues once
 //! the driver sets DRIVER_OK.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +15,13 @@ pub mod block;
 pub mod idle_poll;
 pub mod iommu;
 pub mod pci;
+
+/// Locks `m`, taking over a lock poisoned by a panicking holder: that panic
+/// already ended the VMM's usefulness; keep serving rather than poisoning
+/// every later access.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// virtio device status bits (virtio 1.2, 2.1).
 pub mod status {

@@ -5,7 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use virtio_iommu::{EndpointHandle, QueueAreas};
 use virtio_queue::{Queue, QueueT};
@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::Backend;
 use super::request::{parse, Buffers, Request};
-use crate::virtio::VirtioInterrupt;
+use crate::virtio::{lock, VirtioInterrupt};
 
 /// How the device reaches its rings.
 pub(super) enum Rings {
@@ -62,10 +62,6 @@ pub(super) struct Running {
 
 /// A request for the workers, with the queue it came from.
 pub(super) type Job = (Arc<Running>, Request);
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What one pass over the available ring found.
 #[derive(Default)]

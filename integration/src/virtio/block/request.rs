@@ -17,6 +17,8 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions,
 };
 
+use crate::virtio::lock;
+
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
 /// Request header: type, reserved, sector.
@@ -72,7 +74,7 @@ impl Cancel {
     /// Cancels the request (the IOMMU waited past its grace period).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock(&self.lock);
         self.cv.notify_all();
     }
 
@@ -84,7 +86,7 @@ impl Cancel {
     /// Sleeps for `d` unless cancelled first.
     pub fn sleep(&self, d: Duration) {
         let end = Instant::now() + d;
-        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.lock);
         while !self.is_cancelled() {
             let now = Instant::now();
             if now >= end {
