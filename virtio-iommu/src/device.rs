@@ -505,3 +505,60 @@ impl VirtioIommu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use vm_memory::Permissions;
+
+    use crate::protocol::req_type;
+    use crate::testing::{unmap_body, Harness};
+    use crate::{IommuConfig, Status};
+
+    const EP: u32 = 8;
+    const DOM: u32 = 1;
+
+    #[test]
+    fn poll_parked_says_whether_the_parked_unmap_may_be_published() {
+        let mut h = Harness::new(IommuConfig::default());
+        h.dev.add_endpoint(EP).unwrap();
+        assert_eq!(h.attach(DOM, EP, 0), Some(Status::Ok));
+        assert_eq!(h.map(DOM, 0x1000, 0x1fff, 0x10_000, 3), Some(Status::Ok));
+        let shown = format!("{:?}", h.dev);
+        assert!(shown.contains("domains: 1") && shown.contains("mappings: 1"));
+
+        // Nothing parked: nothing to wait for.
+        assert!(h.dev.parked_drain().is_none());
+        assert!(h.dev.poll_parked(Duration::ZERO));
+
+        // DMA in flight under the UNMAP: the request parks, and polling
+        // spends its budget without the drain completing.
+        let pin = h
+            .dev
+            .endpoint(EP)
+            .unwrap()
+            .pin(0x1000, 8, Permissions::Write)
+            .unwrap();
+        h.post(0, req_type::UNMAP, &unmap_body(DOM, 0x1000, 0x1fff));
+        assert!(!h.dev.process_requests(&mut h.reqq, &h.mem).unwrap());
+        assert!(h.dev.parked_drain().is_some());
+        let budget = Duration::from_millis(2);
+        let t = Instant::now();
+        assert!(!h.dev.poll_parked(budget));
+        assert!(t.elapsed() >= budget);
+        assert_eq!(h.posted_status(0), 0xee, "no reply yet");
+
+        // The DMA ends on another thread while the device polls: the poll
+        // returns true and the reply can be published.
+        let dma = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            drop(pin);
+        });
+        assert!(h.dev.poll_parked(Duration::from_secs(30)));
+        dma.join().unwrap();
+        assert!(h.dev.process_requests(&mut h.reqq, &h.mem).unwrap());
+        assert_eq!(h.posted_status(0), Status::Ok as u8);
+        assert!(h.dev.parked_drain().is_none());
+    }
+}

@@ -500,3 +500,129 @@ impl<'b, M: GuestMemoryBackend> Iterator for QueueSlices<'b, M> {
 impl<M: GuestMemoryBackend> FusedIterator for QueueSlices<'_, M> {}
 
 impl<'b, M: GuestMemoryBackend> GuestMemorySliceIterator<'b, MS<'b, M>> for QueueSlices<'b, M> {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+    use super::{AreaSpec, QueueAreas};
+    use crate::testing::{Harness, MEM_SIZE};
+    use crate::tracker::GpaRange;
+    use crate::{IommuConfig, Status};
+
+    const EP: u32 = 8;
+    const DOM: u32 = 1;
+    const RW: u32 = 3;
+    /// One two-page area whose pages are mapped to GPAs that are not
+    /// contiguous, the second below the first.
+    const IOVA: u64 = 0x80_0000;
+    const GPA_A: u64 = 0x60_0000;
+    const GPA_B: u64 = 0x40_0000;
+    const PAGE: u64 = 0x1000;
+
+    fn rig() -> Harness {
+        let mut h = Harness::new(IommuConfig::default());
+        h.dev.add_endpoint(EP).unwrap();
+        assert_eq!(h.attach(DOM, EP, 0), Some(Status::Ok));
+        assert_eq!(
+            h.map(DOM, IOVA, IOVA + PAGE - 1, GPA_A, RW),
+            Some(Status::Ok)
+        );
+        assert_eq!(
+            h.map(DOM, IOVA + PAGE, IOVA + 2 * PAGE - 1, GPA_B, RW),
+            Some(Status::Ok)
+        );
+        h
+    }
+
+    fn lease(h: &Harness, iova: u64, len: u64) -> QueueAreas {
+        let spec = AreaSpec {
+            iova,
+            len,
+            access: Permissions::ReadWrite,
+        };
+        h.dev
+            .endpoint(EP)
+            .unwrap()
+            .lease_queue_areas(&[spec], Arc::new(|| {}))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_area_split_in_gpa_space_is_accessed_through_each_piece() {
+        let h = rig();
+        let areas = lease(&h, IOVA, 2 * PAGE);
+        let (spec, gpa) = areas.areas().next().unwrap();
+        assert_eq!(spec.iova, IOVA);
+        assert_eq!(spec.len, 2 * PAGE);
+        assert_eq!(
+            gpa,
+            [
+                GpaRange {
+                    gpa: GPA_A,
+                    len: PAGE
+                },
+                GpaRange {
+                    gpa: GPA_B,
+                    len: PAGE
+                },
+            ]
+        );
+        let mem = areas.memory(&h.mem).unwrap();
+
+        // An access across the seam: its first half lands at the end of
+        // the first page, its second half at the start of the second.
+        let data: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+        let at = GuestAddress(IOVA + PAGE - 8);
+        assert!(mem.check_range(at, 16, Permissions::Write));
+        mem.write_slice(&data, at).unwrap();
+        let lo: [u8; 8] = h.mem.read_obj(GuestAddress(GPA_A + PAGE - 8)).unwrap();
+        let hi: [u8; 8] = h.mem.read_obj(GuestAddress(GPA_B)).unwrap();
+        assert_eq!(lo, data[..8]);
+        assert_eq!(hi, data[8..]);
+        let mut back = [0u8; 16];
+        mem.read_slice(&mut back, at).unwrap();
+        assert_eq!(back, data);
+
+        // An access inside the second piece only.
+        mem.write_obj(0xdead_beef_u32, GuestAddress(IOVA + PAGE + 0x100))
+            .unwrap();
+        let v: u32 = h.mem.read_obj(GuestAddress(GPA_B + 0x100)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        // Nothing of it went to the first page's GPA + 0x1100.
+        let stray: u32 = h.mem.read_obj(GuestAddress(GPA_A + PAGE + 0x100)).unwrap();
+        assert_eq!(stray, 0);
+
+        // A zero-length access is empty, and an access running past the
+        // area's end leaves the areas: it is translated like a pin, and
+        // faults (nothing is mapped there), once per attempt.
+        mem.write_slice(&[], GuestAddress(IOVA)).unwrap();
+        assert_eq!(h.dev.pending_faults(), 0);
+        let past = GuestAddress(IOVA + 2 * PAGE - 8);
+        assert!(!mem.check_range(past, 16, Permissions::Write));
+        assert_eq!(h.dev.pending_faults(), 1);
+        assert!(mem.write_slice(&data, past).is_err());
+        assert_eq!(h.dev.pending_faults(), 2);
+        drop(mem);
+        assert!(!areas.is_revoked());
+    }
+
+    #[test]
+    fn an_area_mapped_outside_guest_ram_fails_the_access_without_a_panic() {
+        let mut h = rig();
+        // A mapping the driver may make: the GPA is past the end of RAM.
+        let beyond = MEM_SIZE as u64;
+        let iova = 0x90_0000;
+        assert_eq!(
+            h.map(DOM, iova, iova + PAGE - 1, beyond, RW),
+            Some(Status::Ok)
+        );
+        let areas = lease(&h, iova, PAGE);
+        let mem = areas.memory(&h.mem).unwrap();
+        assert!(!mem.check_range(GuestAddress(iova), 8, Permissions::Read));
+        assert!(mem.read_obj::<u64>(GuestAddress(iova)).is_err());
+        assert!(mem.write_obj(1u64, GuestAddress(iova)).is_err());
+    }
+}
