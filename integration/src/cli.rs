@@ -40,7 +40,9 @@ pub struct Args {
     /// Disks: path=..,iommu=on|off,readonly=on|off,image_type=raw,
     /// id=NAME,queue_size=N,num_queues=N,direct=on|off (one or more; a
     /// raw image file or a block device, locked while the VMM runs;
-    /// direct=on bypasses the host page cache). Fault injection for tests:
+    /// direct=on bypasses the host page cache). The I/O goes through one
+    /// io_uring per queue, or worker threads where io_uring is
+    /// unavailable or _disable_io_uring=on. Fault injection for tests:
     /// delay_us=N holds every request N microseconds before its I/O;
     /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR.
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
@@ -121,6 +123,9 @@ pub struct DiskConfig {
     pub num_queues: u16,
     /// Bypass the host page cache (`direct=on`: O_DIRECT).
     pub direct: bool,
+    /// Run the I/O on worker threads instead of io_uring
+    /// (`_disable_io_uring=on`, Cloud Hypervisor's key).
+    pub disable_io_uring: bool,
 }
 
 /// Queue size offered by default (`--disk queue_size=`).
@@ -138,6 +143,7 @@ impl Default for DiskConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             num_queues: 1,
             direct: false,
+            disable_io_uring: false,
         }
     }
 }
@@ -310,6 +316,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "queue_size",
             "num_queues",
             "direct",
+            "_disable_io_uring",
         ],
     )?;
     let mut path = None;
@@ -321,6 +328,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut num_queues = 1;
     let mut direct = false;
+    let mut disable_io_uring = false;
     for (k, v) in kv {
         match k {
             "id" if v.is_empty() || v.contains(char::is_whitespace) => {
@@ -328,6 +336,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             }
             "id" => id = Some(v.to_string()),
             "direct" => direct = parse_on_off("disk", k, v)?,
+            "_disable_io_uring" => disable_io_uring = parse_on_off("disk", k, v)?,
             "num_queues" => {
                 num_queues = v
                     .parse::<u16>()
@@ -385,6 +394,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         queue_size,
         num_queues,
         direct,
+        disable_io_uring,
     })
 }
 
@@ -605,6 +615,12 @@ mod tests {
         assert_eq!(d.num_queues, 4);
         assert!(parse_disk("path=/a,direct=on").unwrap().direct);
         assert!(parse_disk("path=/a,direct=yes").is_err());
+        assert!(
+            parse_disk("path=/a,_disable_io_uring=on")
+                .unwrap()
+                .disable_io_uring
+        );
+        assert!(!parse_disk("path=/a").unwrap().disable_io_uring);
         assert!(parse_disk("path=/a,num_queues=0").is_err());
         assert!(parse_disk("path=/a,num_queues=17").is_err());
         assert_eq!(

@@ -183,6 +183,8 @@ pub struct Vm {
     pio: Arc<PioBus>,
     pci: Arc<PciBus>,
     metrics: Option<Arc<Metrics>>,
+    /// Per-disk summaries printed at exit.
+    disks: Vec<crate::virtio::block::DiskReport>,
     _mem: GuestMemoryMmap,
 }
 
@@ -258,15 +260,18 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             endpoints,
         });
     }
+    let mut disks = Vec::new();
     for (i, (d, h)) in cfg.disks.iter().zip(handles).enumerate() {
         let blk = crate::virtio::block::Block::new(d, mem.clone(), h)
             .map_err(|e| dev_err(format!("disk {}: {e}", d.path.display())))?;
+        disks.push(blk.report());
         add(&mut bus, disk_bdf(i), Box::new(blk))?;
     }
     Ok(PciSetup {
         bus,
         topology,
         metrics,
+        disks,
     })
 }
 
@@ -275,6 +280,7 @@ struct PciSetup {
     bus: PciBus,
     topology: Option<IommuTopology>,
     metrics: Option<Arc<Metrics>>,
+    disks: Vec<crate::virtio::block::DiskReport>,
 }
 
 fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, VmError> {
@@ -337,6 +343,7 @@ impl Vm {
             bus: pci,
             topology,
             metrics,
+            disks,
         } = build_pci(cfg, &vm, &mem)?;
         let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START, topology.as_ref());
         mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
@@ -388,6 +395,7 @@ impl Vm {
             pio: Arc::new(PioBus::new(serial)),
             pci: Arc::new(pci),
             metrics,
+            disks,
             _mem: mem,
         })
     }
@@ -403,6 +411,7 @@ impl Vm {
             pio,
             pci,
             metrics,
+            disks,
             _mem,
         } = self;
         let (tx, rx) = mpsc::channel::<VmExit>();
@@ -501,6 +510,9 @@ impl Vm {
         crate::trace::dump();
         if let Some(m) = &metrics {
             eprintln!("{}", m.snapshot());
+        }
+        for d in &disks {
+            eprintln!("{d}");
         }
         // Other vCPUs may still be inside KVM_RUN: never unmap guest memory
         // or close the VM under them; the process exits next.

@@ -17,12 +17,15 @@ use crate::cli::DiskConfig;
 
 /// Length of the GET_ID string.
 pub const ID_LEN: usize = 20;
-/// `preadv`/`pwritev` take at most this many iovecs at once.
-const MAX_IOVECS: usize = 1024;
+/// `preadv`/`pwritev` (and io_uring's `readv`/`writev`) take at most
+/// this many iovecs at once.
+pub const MAX_IOVECS: usize = 1024;
 
 /// The image and settings that do not change while the device runs, and
 /// the counters the device and its stall report share.
 pub struct Backend {
+    /// `id=`, or the image's file name (also the GET_ID string).
+    pub name: String,
     file: File,
     /// The O_DIRECT side of the image (`direct=on`).
     direct: Option<super::direct::Direct>,
@@ -44,6 +47,24 @@ pub struct Backend {
     pub last_signalled: AtomicBool,
     /// Interrupts sent for completions.
     pub interrupts: AtomicU64,
+    /// Requests completed with VIRTIO_BLK_S_IOERR.
+    pub io_errors: AtomicU64,
+    /// Requests cancelled by their pins' revoke hook.
+    pub cancelled: AtomicU64,
+    /// How the last activation ran its I/O ([`Engine`]).
+    pub engine: std::sync::atomic::AtomicU8,
+}
+
+/// What runs a disk's I/O, as the exit report names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Engine {
+    /// Not activated yet.
+    None = 0,
+    /// One io_uring per queue.
+    IoUring = 1,
+    /// Worker threads.
+    Workers = 2,
 }
 
 impl Backend {
@@ -72,6 +93,7 @@ impl Backend {
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Backend {
+            name,
             file,
             direct,
             capacity: len / SECTOR * SECTOR,
@@ -85,7 +107,31 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             last_signalled: AtomicBool::new(false),
             interrupts: AtomicU64::new(0),
+            io_errors: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            engine: std::sync::atomic::AtomicU8::new(Engine::None as u8),
         })
+    }
+
+    /// One line for the VMM's exit report.
+    pub fn report(&self) -> String {
+        let name = &self.name;
+        let engine = match self.engine.load(Ordering::Relaxed) {
+            1 => "io_uring",
+            2 => "workers",
+            _ => "none",
+        };
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "virtio-blk {name}: engine={engine} requests={} ioerr={} cancelled={} \
+             parse_errors={} ring_errors={} in_flight={}",
+            n(&self.requests),
+            n(&self.io_errors),
+            n(&self.cancelled),
+            n(&self.parse_errors),
+            n(&self.ring_errors),
+            n(&self.in_flight),
+        )
     }
 
     /// What request parsing needs to know.
@@ -96,17 +142,30 @@ impl Backend {
         }
     }
 
+    /// Counts a request that reached the backend; returns whether fault
+    /// injection (`fail_every`) fails it.
+    pub fn admit(&self) -> bool {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.fail_every > 0 && n.is_multiple_of(self.fail_every)
+    }
+
     /// Runs `req`'s I/O (after the injected delay, unless cancelled);
     /// returns the status byte and the bytes written into the guest.
     pub fn execute(&self, req: &Request) -> (u8, u64) {
-        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let fail = self.admit();
+        self.execute_admitted(req, fail)
+    }
+
+    /// [`Backend::execute`] for a request already counted by
+    /// [`Backend::admit`], which said `fail`.
+    pub fn execute_admitted(&self, req: &Request, fail: bool) -> (u8, u64) {
         if let Some(s) = req.early_status {
             return (s, 0);
         }
         if !self.delay.is_zero() {
             req.cancel.sleep(self.delay);
         }
-        if req.cancel.is_cancelled() || (self.fail_every > 0 && n.is_multiple_of(self.fail_every)) {
+        if req.cancel.is_cancelled() || fail {
             return (VIRTIO_BLK_S_IOERR, 0);
         }
         // The parser checked that the range is inside the disk.
@@ -139,7 +198,77 @@ impl Backend {
     }
 }
 
+/// How io_uring runs a request (`uring.rs`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum UringPlan {
+    /// Nothing to submit: the status byte and the bytes written into the
+    /// guest are known.
+    Done(u8, u64),
+    /// Not for io_uring (GET_ID, an unsupported type, an O_DIRECT request
+    /// whose guest buffers need a bounce buffer): run it with
+    /// [`Backend::execute_admitted`] on the queue thread.
+    Blocking,
+    /// Submit `op` on `fd`, after the injected delay when there is one;
+    /// `fail` (fault injection) completes the request with IOERR instead
+    /// of doing the I/O.
+    Submit {
+        /// The injected delay (zero: none).
+        delay: Duration,
+        /// Fail instead of doing the I/O.
+        fail: bool,
+        /// What to do.
+        op: UringOp,
+        /// On which file descriptor.
+        fd: std::os::fd::RawFd,
+    },
+}
+
+/// The operations the io_uring path submits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UringOp {
+    /// `readv` into the request's buffers.
+    Read,
+    /// `writev` from them.
+    Write,
+    /// `fdatasync`.
+    Flush,
+}
+
 impl Backend {
+    /// Counts `req` (as [`Backend::admit`]) and says how io_uring runs it.
+    pub fn uring_plan(&self, req: &Request) -> (UringPlan, bool) {
+        let fail = self.admit();
+        if let Some(s) = req.early_status {
+            return (UringPlan::Done(s, 0), fail);
+        }
+        let (op, fd) = match req.kind {
+            Kind::In | Kind::Out => {
+                let write = req.kind == Kind::Out;
+                let op = if write { UringOp::Write } else { UringOp::Read };
+                let fd = match &self.direct {
+                    None => Some(self.file.as_raw_fd()),
+                    Some(d) => d.fd_for(&self.file, &req.data, req.sector * SECTOR),
+                };
+                match fd {
+                    Some(fd) => (op, fd),
+                    None => return (UringPlan::Blocking, fail),
+                }
+            }
+            Kind::Flush => (UringOp::Flush, self.file.as_raw_fd()),
+            Kind::GetId | Kind::Unsupported => return (UringPlan::Blocking, fail),
+        };
+        if fail && self.delay.is_zero() {
+            return (UringPlan::Done(VIRTIO_BLK_S_IOERR, 0), fail);
+        }
+        let plan = UringPlan::Submit {
+            delay: self.delay,
+            fail,
+            op,
+            fd,
+        };
+        (plan, fail)
+    }
+
     /// Reads (`write == false`) or writes the whole of `bufs` at `offset`,
     /// directly when the disk is `direct=on`.
     fn transfer(&self, bufs: &[HostBuf], offset: u64, write: bool) -> std::io::Result<()> {

@@ -6,7 +6,7 @@
 //! kernel keeps the two coherent).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use super::backend::{copy_from_bufs, copy_into_bufs, rw};
 use super::request::HostBuf;
@@ -51,6 +51,23 @@ impl Direct {
             mem_align,
             off_align,
         })
+    }
+
+    /// Which descriptor io_uring can run a transfer of `bufs` at `offset`
+    /// on: the O_DIRECT one when everything is aligned, `buffered` when
+    /// the offset or length is not (as `transfer` does); `None` when the
+    /// guest's buffers need a bounce buffer (`transfer` then does it).
+    pub fn fd_for(&self, buffered: &File, bufs: &[HostBuf], offset: u64) -> Option<RawFd> {
+        let total: usize = bufs.iter().map(|b| b.len).sum();
+        if !offset.is_multiple_of(self.off_align) || !(total as u64).is_multiple_of(self.off_align)
+        {
+            return Some(buffered.as_raw_fd());
+        }
+        let aligned = bufs.iter().all(|b| {
+            (b.ptr as usize).is_multiple_of(self.mem_align)
+                && (b.len as u64).is_multiple_of(self.off_align)
+        });
+        aligned.then(|| self.file.as_raw_fd())
     }
 
     /// Reads (`write == false`) or writes the whole of `bufs` at `offset`;

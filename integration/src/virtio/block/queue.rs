@@ -1,6 +1,8 @@
 //! One request queue of a virtio-blk device at work: its queue thread
-//! pops and parses chains inside ring-lease sections and hands requests to
-//! the device's workers, which run them and publish the used entries.
+//! pops and parses chains inside ring-lease sections and runs the requests
+//! through its io_uring (`uring.rs`), or hands them to the device's
+//! workers when io_uring is unavailable; whoever completes a request
+//! publishes its used entry.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::Backend;
 use super::request::{parse, Buffers, Request};
+use super::uring::{Finish, UringQueue};
 use crate::virtio::{lock, VirtioInterrupt};
 
 /// How the device reaches its rings.
@@ -58,10 +61,21 @@ pub(super) struct Running {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The driver reset the device: finish what is held, publish nothing.
     pub stopping: Arc<AtomicBool>,
+    /// Written when a request of this queue is cancelled (io_uring only).
+    pub cancel_waker: Option<Arc<EventFd>>,
 }
 
 /// A request for the workers, with the queue it came from.
 pub(super) type Job = (Arc<Running>, Request);
+
+/// How a queue runs its requests' I/O.
+pub(super) enum Engine {
+    /// Its own io_uring, driven by the queue thread.
+    Uring(Box<UringQueue>),
+    /// The device's worker threads (no io_uring here, or
+    /// `_disable_io_uring=on`); a lone request runs on the queue thread.
+    Workers(Sender<Job>),
+}
 
 /// What one pass over the available ring found.
 #[derive(Default)]
@@ -95,6 +109,7 @@ impl Running {
         let bufs = Buffers {
             phys: &self.phys,
             endpoint: self.endpoint.as_ref(),
+            cancel_waker: self.cancel_waker.as_ref(),
         };
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             self.trace(
@@ -133,14 +148,16 @@ impl Running {
         p
     }
 
-    /// Pops every available chain and hands the requests to the workers,
-    /// or, for a lone request on an idle device, runs it right here.
+    /// Pops every available chain and starts the requests: on the io_uring
+    /// (completions already posted are reaped at once: a read served from
+    /// the page cache completes during the submit), or on the workers, or,
+    /// for a lone request on an idle device, right here.
     ///
     /// A lone request (queue depth 1) gains nothing from a worker but pays
     /// a thread wake-up before its I/O starts; running it on this thread
     /// saves that. The ring's notifications are back on while it runs, so
     /// requests made available meanwhile are kicked and popped next.
-    fn drain_queue(self: &Arc<Self>, jobs: &Sender<Job>) {
+    fn drain_queue(self: &Arc<Self>, engine: &mut Engine) {
         loop {
             let popped = {
                 let mut q = lock(&self.queue);
@@ -154,11 +171,22 @@ impl Running {
                 requests.len() == 1 && !more && self.backend.in_flight.load(Ordering::Acquire) == 0;
             for req in requests {
                 self.backend.in_flight.fetch_add(1, Ordering::AcqRel);
-                if inline {
-                    self.complete(req);
-                } else if jobs.send((self.clone(), req)).is_err() {
-                    return;
+                match engine {
+                    Engine::Uring(ring) => {
+                        self.trace(crate::trace::Event::BlkStart, u64::from(req.head));
+                        ring.start(&self.backend, req, &**self);
+                    }
+                    Engine::Workers(_) if inline => self.complete(req),
+                    Engine::Workers(jobs) => {
+                        if jobs.send((self.clone(), req)).is_err() {
+                            return;
+                        }
+                    }
                 }
+            }
+            if let Engine::Uring(ring) = engine {
+                ring.submit();
+                ring.reap(&**self);
             }
             if !more {
                 return;
@@ -166,13 +194,27 @@ impl Running {
         }
     }
 
-    /// Runs one request to completion: I/O, status byte, used entry; the
-    /// pins go last.
+    /// Runs one request to completion on this thread: I/O, status byte,
+    /// used entry; the pins go last.
     fn complete(&self, req: Request) {
         self.trace(crate::trace::Event::BlkStart, u64::from(req.head));
         let (status, used) = self.backend.execute(&req);
+        self.finish(req, status, used);
+    }
+}
+
+impl Finish for Running {
+    /// Publishes a request whose I/O is done: status byte, used entry,
+    /// then the pins go, then the interrupt.
+    fn finish(&self, req: Request, status: u8, used: u64) {
         let head = req.head;
         self.trace(crate::trace::Event::BlkIoDone, u64::from(head));
+        if status == super::request::VIRTIO_BLK_S_IOERR {
+            self.backend.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if req.cancel.is_cancelled() {
+            self.backend.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
         let mut notify = false;
         if !self.stopping.load(Ordering::Acquire) {
             // SAFETY: `status` is one byte of guest memory, pinned (behind
@@ -210,7 +252,9 @@ impl Running {
         }
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
 
+impl Running {
     /// A used entry could not be written (guest-caused: the log stays
     /// bounded).
     fn ring_error(&self, what: &str) {
@@ -285,8 +329,14 @@ impl StallCheck {
     }
 }
 
-/// The queue thread: waits for notifies and feeds the workers.
-pub(super) fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs: Sender<Job>) {
+/// The queue thread: waits for notifies (and, with io_uring, for
+/// completions and cancellations) and runs the requests. Told to stop, it
+/// pops nothing more and returns once its own requests have finished.
+pub(super) fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, mut engine: Engine) {
+    const NOTIFY: u64 = 0;
+    const STOP: u64 = 1;
+    const COMPLETIONS: u64 = 2;
+    const CANCELS: u64 = 3;
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -294,7 +344,12 @@ pub(super) fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs
             return;
         }
     };
-    for (fd, token) in [(notify.as_raw_fd(), 0u64), (stop.as_raw_fd(), 1)] {
+    let mut fds = vec![(notify.as_raw_fd(), NOTIFY), (stop.as_raw_fd(), STOP)];
+    if let Engine::Uring(ring) = &engine {
+        fds.push((ring.completion_fd(), COMPLETIONS));
+        fds.push((ring.cancel_fd(), CANCELS));
+    }
+    for (fd, token) in fds {
         if let Err(e) = epoll.ctl(
             ControlOperation::Add,
             fd,
@@ -305,10 +360,17 @@ pub(super) fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs
         }
     }
     // Buffers made available before activation.
-    run.drain_queue(&jobs);
-    let mut events = [EpollEvent::default(); 2];
+    run.drain_queue(&mut engine);
+    let mut events = [EpollEvent::default(); 4];
     let mut stall = StallCheck::default();
+    let mut stopping = false;
     loop {
+        if stopping {
+            match &engine {
+                Engine::Uring(ring) if ring.in_flight() > 0 => {}
+                _ => return,
+            }
+        }
         let n = match epoll.wait(1000, &mut events) {
             Ok(0) => {
                 let msg = run.queue_state().and_then(|s| stall.tick(s));
@@ -330,12 +392,19 @@ pub(super) fn queue_loop(run: Arc<Running>, notify: EventFd, stop: EventFd, jobs
             }
         };
         for ev in &events[..n] {
-            if ev.data() == 1 {
-                return;
+            match (ev.data(), &mut engine) {
+                (STOP, _) => stopping = true,
+                (NOTIFY, _) => {
+                    let _ = notify.read();
+                    if !stopping {
+                        run.trace(crate::trace::Event::BlkKick, 0);
+                        run.drain_queue(&mut engine);
+                    }
+                }
+                (CANCELS, Engine::Uring(ring)) => ring.cancel_revoked(),
+                (COMPLETIONS, Engine::Uring(ring)) => ring.reap(&*run),
+                _ => {}
             }
-            let _ = notify.read();
-            run.trace(crate::trace::Event::BlkKick, 0);
-            run.drain_queue(&jobs);
         }
     }
 }

@@ -16,6 +16,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::lock;
 
@@ -68,14 +69,32 @@ pub struct Cancel {
     cancelled: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
+    /// Told when the request is cancelled: the io_uring queue thread,
+    /// which then cancels the request's operations in the kernel.
+    waker: Option<Arc<EventFd>>,
 }
 
 impl Cancel {
+    /// A cancellation that also writes `waker` when it happens.
+    pub fn with_waker(waker: Option<Arc<EventFd>>) -> Self {
+        Cancel {
+            waker,
+            ..Default::default()
+        }
+    }
+
     /// Cancels the request (the IOMMU waited past its grace period).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
-        let _g = lock(&self.lock);
-        self.cv.notify_all();
+        {
+            let _g = lock(&self.lock);
+            self.cv.notify_all();
+        }
+        if let Some(w) = &self.waker {
+            // An eventfd write fails only when its counter would overflow,
+            // and then the reader is already due to wake.
+            let _ = w.write(1);
+        }
     }
 
     /// Whether the request was cancelled.
@@ -139,6 +158,32 @@ pub struct Request {
     _pins: Vec<Pin>,
 }
 
+#[cfg(test)]
+impl Request {
+    /// A request over host buffers, with nothing pinned (unit tests of
+    /// the backends).
+    pub fn unpinned(
+        kind: Kind,
+        sector: u64,
+        data: Vec<HostBuf>,
+        status: HostBuf,
+        cancel: Arc<Cancel>,
+    ) -> Self {
+        let data_len = data.iter().map(|b| b.len as u64).sum();
+        Request {
+            head: 0,
+            kind,
+            sector,
+            data,
+            data_len,
+            status,
+            early_status: None,
+            cancel,
+            _pins: Vec::new(),
+        }
+    }
+}
+
 /// Why a chain could not become a request (it is returned with used
 /// length 0).
 #[derive(Debug, PartialEq, Eq)]
@@ -168,6 +213,8 @@ pub struct Buffers<'a> {
     pub phys: &'a GuestMemoryMmap,
     /// The IOMMU endpoint, for `iommu=on` disks.
     pub endpoint: Option<&'a EndpointHandle>,
+    /// Written when a request is cancelled (see [`Cancel::with_waker`]).
+    pub cancel_waker: Option<&'a Arc<EventFd>>,
 }
 
 impl Buffers<'_> {
@@ -287,7 +334,7 @@ where
         _ => Kind::Unsupported,
     };
 
-    let cancel = Arc::new(Cancel::default());
+    let cancel = Arc::new(Cancel::with_waker(bufs.cancel_waker.cloned()));
     let mut pins = Vec::new();
     let mut status = Vec::with_capacity(1);
     bufs.resolve(
