@@ -271,13 +271,17 @@ impl GpaRanges {
         }
     }
 
+    /// Appends a piece, merged into the last range when it continues it.
+    /// A range ending at the top of the guest-physical space is not
+    /// continued by one at 0: merged, they would make a range whose end
+    /// wraps around the space.
     fn push(&mut self, gpa: u64, len: u64) -> Result<(), TranslateError> {
         match self {
-            GpaRanges::One(r) if r.gpa.wrapping_add(r.len) == gpa => r.len += len,
+            GpaRanges::One(r) if r.gpa.checked_add(r.len) == Some(gpa) => r.len += len,
             GpaRanges::One(r) => *self = GpaRanges::Many(vec![*r, GpaRange { gpa, len }]),
             GpaRanges::Many(v) => {
                 let last = v.last_mut().expect("Many is never empty");
-                if last.gpa.wrapping_add(last.len) == gpa {
+                if last.gpa.checked_add(last.len) == Some(gpa) {
                     last.len += len;
                 } else if v.len() >= MAX_RANGES_PER_TRANSLATION {
                     return Err(TranslateError::TooFragmented);
@@ -890,5 +894,49 @@ pub fn wait_with_grace(drain: &Drain, grace: Duration) {
     if !drain.wait_timeout(grace) {
         drain.revoke();
         drain.wait();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::mapping::{MapFlags, Mapping};
+
+    fn tree(maps: &[(u64, u64)]) -> MappingTree {
+        let mut t = MappingTree::new();
+        for &(iova, gpa) in maps {
+            t.insert(Mapping {
+                iova,
+                iova_end: iova + 0xfff,
+                gpa,
+                flags: MapFlags::READ_WRITE,
+            })
+            .unwrap();
+        }
+        t
+    }
+
+    /// Found by the `translate` fuzz target: a guest that maps the last
+    /// guest-physical page and page 0 at adjacent IOVAs got one range
+    /// `{ gpa: 2^64 - 4096, len: 8192 }` across them, whose end wraps.
+    #[test]
+    fn pieces_at_the_top_and_at_zero_of_the_gpa_space_stay_apart() {
+        let top = u64::MAX - 0xfff;
+        let r = |gpa, len| GpaRange { gpa, len };
+        // One range, then the wrap.
+        let t = tree(&[(0x1000, top), (0x2000, 0), (0x3000, 0x1000)]);
+        let got = translate_in(&t, 0x1000, 0x3000, Permissions::Read).unwrap();
+        assert_eq!(got.as_slice(), &[r(top, 0x1000), r(0, 0x2000)]);
+        // Several ranges, then the wrap.
+        let t = tree(&[(0, 0x5000), (0x1000, top), (0x2000, 0)]);
+        let got = translate_in(&t, 0, 0x3000, Permissions::Read).unwrap();
+        assert_eq!(
+            got.as_slice(),
+            &[r(0x5000, 0x1000), r(top, 0x1000), r(0, 0x1000)]
+        );
+        // Contiguous pieces up to the last byte still merge.
+        let t = tree(&[(0x1000, top - 0x1000), (0x2000, top)]);
+        let got = translate_in(&t, 0x1000, 0x2000, Permissions::Read).unwrap();
+        assert_eq!(got.as_slice(), &[r(top - 0x1000, 0x2000)]);
     }
 }
