@@ -44,7 +44,9 @@ pub struct Args {
     /// io_uring per queue, or worker threads where io_uring is
     /// unavailable or _disable_io_uring=on. Fault injection for tests:
     /// delay_us=N holds every request N microseconds before its I/O;
-    /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR.
+    /// fail_every=N fails every Nth request with VIRTIO_BLK_S_IOERR;
+    /// stall_at=SECTOR holds every read or write that covers SECTOR until
+    /// the IOMMU revokes it (a backend that never completes).
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
@@ -113,6 +115,9 @@ pub struct DiskConfig {
     pub delay_us: u64,
     /// Fault injection: fail every Nth request with IOERR (`fail_every=`).
     pub fail_every: u64,
+    /// Fault injection: a read or write covering this sector never
+    /// completes unless it is cancelled (`stall_at=`).
+    pub stall_at: Option<u64>,
     /// Device name (`id=`): also the GET_ID string (default: the file
     /// name).
     pub id: Option<String>,
@@ -139,6 +144,7 @@ impl Default for DiskConfig {
             readonly: false,
             delay_us: 0,
             fail_every: 0,
+            stall_at: None,
             id: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             num_queues: 1,
@@ -312,6 +318,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "image_type",
             "delay_us",
             "fail_every",
+            "stall_at",
             "id",
             "queue_size",
             "num_queues",
@@ -324,6 +331,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut readonly = false;
     let mut delay_us = 0;
     let mut fail_every = 0;
+    let mut stall_at = None;
     let mut id = None;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut num_queues = 1;
@@ -337,6 +345,11 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "id" => id = Some(v.to_string()),
             "direct" => direct = parse_on_off("disk", k, v)?,
             "_disable_io_uring" => disable_io_uring = parse_on_off("disk", k, v)?,
+            "stall_at" => {
+                stall_at = Some(v.parse::<u64>().map_err(|_| {
+                    invalid("disk", format!("stall_at={v:?}: expected a sector number"))
+                })?);
+            }
             "num_queues" => {
                 num_queues = v
                     .parse::<u16>()
@@ -390,6 +403,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         readonly,
         delay_us,
         fail_every,
+        stall_at,
         id,
         queue_size,
         num_queues,
@@ -747,6 +761,11 @@ mod tests {
     fn fault_injection_keys() {
         let d = parse_disk("path=/a,iommu=on,delay_us=20000,fail_every=7").unwrap();
         assert_eq!((d.delay_us, d.fail_every), (20000, 7));
+        assert_eq!(
+            parse_disk("path=/a,stall_at=65536").unwrap().stall_at,
+            Some(65536)
+        );
+        assert!(parse_disk("path=/a,stall_at=x").is_err());
         assert!(parse_disk("path=/a,delay_us=x").is_err());
         assert!(parse_disk("path=/a,delay_us=10000001").is_err());
     }

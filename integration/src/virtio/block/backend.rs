@@ -2,7 +2,8 @@
 //! and the execution of parsed requests against it with blocking
 //! `preadv`, `pwritev` and `fdatasync` straight into (pinned) guest
 //! memory, or through O_DIRECT with `direct=on` (`direct.rs`). Fault
-//! injection for tests (`delay_us`, `fail_every`) lives here too.
+//! injection for tests (`delay_us`, `fail_every`, `stall_at`) lives here
+//! too.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -14,6 +15,10 @@ use super::request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use crate::cli::DiskConfig;
+
+/// How long `stall_at` holds a request: for ever, as far as a test can
+/// tell (only a cancellation ends it).
+const STALL: Duration = Duration::from_secs(24 * 3600);
 
 /// Length of the GET_ID string.
 pub const ID_LEN: usize = 20;
@@ -36,6 +41,7 @@ pub struct Backend {
     id: [u8; ID_LEN],
     delay: Duration,
     fail_every: u64,
+    stall_at: Option<u64>,
     requests: AtomicU64,
     /// Used-ring writes that failed (ring unmapped by the guest).
     pub ring_errors: AtomicU64,
@@ -101,6 +107,7 @@ impl Backend {
             id,
             delay: Duration::from_micros(cfg.delay_us),
             fail_every: cfg.fail_every,
+            stall_at: cfg.stall_at,
             requests: AtomicU64::new(0),
             ring_errors: AtomicU64::new(0),
             parse_errors: AtomicU64::new(0),
@@ -156,14 +163,31 @@ impl Backend {
         self.execute_admitted(req, fail)
     }
 
+    /// How long fault injection holds `req` before its I/O: the
+    /// `delay_us`, or, for a read or write covering `stall_at`, until it
+    /// is cancelled.
+    fn delay_of(&self, req: &Request) -> Duration {
+        let covers = |s: u64| {
+            matches!(req.kind, Kind::In | Kind::Out)
+                && s >= req.sector
+                && s - req.sector < req.data_len / SECTOR
+        };
+        if self.stall_at.is_some_and(covers) {
+            STALL
+        } else {
+            self.delay
+        }
+    }
+
     /// [`Backend::execute`] for a request already counted by
     /// [`Backend::admit`], which said `fail`.
     pub fn execute_admitted(&self, req: &Request, fail: bool) -> (u8, u64) {
         if let Some(s) = req.early_status {
             return (s, 0);
         }
-        if !self.delay.is_zero() {
-            req.cancel.sleep(self.delay);
+        let delay = self.delay_of(req);
+        if !delay.is_zero() {
+            req.cancel.sleep(delay);
         }
         if req.cancel.is_cancelled() || fail {
             return (VIRTIO_BLK_S_IOERR, 0);
@@ -257,11 +281,12 @@ impl Backend {
             Kind::Flush => (UringOp::Flush, self.file.as_raw_fd()),
             Kind::GetId | Kind::Unsupported => return (UringPlan::Blocking, fail),
         };
-        if fail && self.delay.is_zero() {
+        let delay = self.delay_of(req);
+        if fail && delay.is_zero() {
             return (UringPlan::Done(VIRTIO_BLK_S_IOERR, 0), fail);
         }
         let plan = UringPlan::Submit {
-            delay: self.delay,
+            delay,
             fail,
             op,
             fd,

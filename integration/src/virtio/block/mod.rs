@@ -282,13 +282,15 @@ impl Block {
         Ok(())
     }
 
-    /// Stops the threads and waits for them (activation, VMM exit; never
-    /// on a vCPU thread's reset path).
-    fn stop_threads(&mut self) {
-        if let Some(t) = self.threads.take() {
+    /// Tells the threads to stop and joins them if they have finished;
+    /// returns false, leaving them running, if they still hold I/O. Never
+    /// waits: activation runs on a vCPU thread, and a backend that never
+    /// completes must not hold it (nor the VMM's exit).
+    fn retire_threads(&mut self) -> bool {
+        if let Some(t) = &self.threads {
             t.signal_stop();
-            t.join();
         }
+        self.reset_done()
     }
 }
 
@@ -343,7 +345,16 @@ impl VirtioDevice for Block {
         queues: Vec<ActiveQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        self.stop_threads();
+        // The transport activates only after a reset has completed, so the
+        // threads of an earlier activation are gone; a driver that skips
+        // the reset gets an error rather than a vCPU waiting for old I/O.
+        if !self.retire_threads() {
+            return Err(ActivateError(
+                "virtio-blk: requests of the previous activation are still in flight; \
+                 reset the device first"
+                    .into(),
+            ));
+        }
         // A driver may use fewer queues than offered (Linux: one per CPU).
         if queues.is_empty() || queues.len() > usize::from(self.num_queues) {
             return Err(ActivateError(format!(
@@ -382,8 +393,17 @@ impl VirtioDevice for Block {
 }
 
 impl Drop for Block {
+    /// Stops the threads; those still holding I/O (a backend that never
+    /// completes) are left to finish on their own rather than waited for:
+    /// they keep the guest memory they use mapped, and the VMM is exiting.
     fn drop(&mut self) {
-        self.stop_threads();
+        if !self.retire_threads() {
+            log::warn!(
+                "virtio-blk {}: {} requests still in flight; not waiting for them",
+                self.backend.name,
+                self.backend.in_flight.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -494,6 +494,7 @@ mod tests {
             match k {
                 "delay_us" => cfg.delay_us = v.parse().unwrap(),
                 "fail_every" => cfg.fail_every = v.parse().unwrap(),
+                "stall_at" => cfg.stall_at = Some(v.parse().unwrap()),
                 _ => unreachable!(),
             }
         }
