@@ -113,7 +113,13 @@ pub fn discover(expected: usize) -> Res<Vec<Disk>> {
     }
     let mut out = Vec::new();
     for name in block_names() {
-        let Some((id, iommu_on)) = read_label(&name)? else {
+        // A disk with injected failures (`fail_every`) may fail one read:
+        // the next one does not fail.
+        let label = read_label(&name).or_else(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            read_label(&name)
+        });
+        let Some((id, iommu_on)) = label? else {
             continue;
         };
         let sectors: u64 = fs::read_to_string(format!("/sys/block/{name}/size"))

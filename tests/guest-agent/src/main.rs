@@ -7,6 +7,7 @@
 //! `AGENT-RESULT scenario=<name> status=pass|fail [key=value...]`.
 
 mod disks;
+mod faults;
 mod perf;
 mod scenarios;
 mod vfio;
@@ -106,6 +107,7 @@ fn main() {
         "integrity" => scenarios::integrity(&params),
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
+        "faults" => faults::faults(&params),
         "perf" => perf::perf(&params),
         "kvm-check" => scenarios::kvm_check(),
         "kvm-hold" => scenarios::kvm_hold(),

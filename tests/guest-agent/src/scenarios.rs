@@ -17,12 +17,12 @@ use crate::{os_err, phase, say, write_file, Params, Res};
 const MIB: u64 = 1 << 20;
 const PAGE: usize = 4096;
 /// IOVA of the ring page and of the data buffers used over VFIO.
-const RING_IOVA: u64 = 0x4000_0000;
-const DATA_IOVA: u64 = 0x8000_0000;
+pub(crate) const RING_IOVA: u64 = 0x4000_0000;
+pub(crate) const DATA_IOVA: u64 = 0x8000_0000;
 /// Headers, status bytes and scratch space when the rings are mapped on
 /// their own (dma-race ring).
 const BUFS_IOVA: u64 = 0xc000_0000;
-const CANARY: u8 = 0xa5;
+pub(crate) const CANARY: u8 = 0xa5;
 
 /// splitmix64: small, good enough, no dependency.
 #[derive(Clone, Debug)]
@@ -170,20 +170,21 @@ pub fn probe(p: &Params) -> Res<String> {
 
 // ------------------------------------------------------------ integrity
 
-struct AlignedBuf {
+/// A page-aligned heap buffer (O_DIRECT through the kernel).
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let layout = std::alloc::Layout::from_size_align(len, PAGE).expect("layout");
         // SAFETY: non-zero size layout.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "out of memory");
         Self { ptr, len }
     }
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: we own `len` initialised bytes at `ptr`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -349,7 +350,7 @@ pub fn integrity(p: &Params) -> Res<String> {
 
 // ------------------------------------------------------------- dma-race
 
-fn reserve_hugepages(n: u64) -> Res<()> {
+pub(crate) fn reserve_hugepages(n: u64) -> Res<()> {
     let path = "/proc/sys/vm/nr_hugepages";
     let cur: u64 = fs::read_to_string(path)
         .ok()
