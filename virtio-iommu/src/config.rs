@@ -83,9 +83,9 @@ impl Default for Limits {
         Limits {
             max_domains: 1024,
             max_endpoints: 4096,
-            max_mappings_per_domain: 1 << 20,
-            max_mappings_total: 1 << 21,
-            max_pins_per_endpoint: 1 << 16,
+            max_mappings_per_domain: 1 << 18,
+            max_mappings_total: 1 << 18,
+            max_pins_per_endpoint: 1 << 14,
             max_pending_faults: 256,
         }
     }

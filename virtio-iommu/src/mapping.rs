@@ -108,6 +108,14 @@ struct Entry {
     flags: MapFlags,
 }
 
+/// A single-page mapping in the page index: its end is implied (16 bytes
+/// instead of 24, in the table a guest fills most).
+#[derive(Clone, Copy, Debug)]
+struct PageEntry {
+    gpa: u64,
+    flags: MapFlags,
+}
+
 /// Why an insertion or removal was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TreeError {
@@ -147,7 +155,7 @@ impl Hasher for PageHasher {
 #[derive(Clone, Debug, Default)]
 pub struct MappingTree {
     map: BTreeMap<u64, Entry>,
-    pages: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
+    pages: HashMap<u64, PageEntry, BuildHasherDefault<PageHasher>>,
 }
 
 fn is_single_page(iova: u64, iova_end: u64) -> bool {
@@ -185,9 +193,10 @@ impl MappingTree {
     /// The mapping containing `iova`, if any.
     pub fn lookup(&self, iova: u64) -> Option<Mapping> {
         if let Some(e) = self.pages.get(&(iova >> PAGE_SHIFT)) {
+            let page = iova & !(PAGE_SIZE - 1);
             return Some(Mapping {
-                iova: iova & !(PAGE_SIZE - 1),
-                iova_end: e.iova_end,
+                iova: page,
+                iova_end: page + (PAGE_SIZE - 1),
                 gpa: e.gpa,
                 flags: e.flags,
             });
@@ -214,7 +223,11 @@ impl MappingTree {
         };
         self.map.insert(m.iova, e);
         if is_single_page(m.iova, m.iova_end) {
-            self.pages.insert(m.iova >> PAGE_SHIFT, e);
+            let p = PageEntry {
+                gpa: m.gpa,
+                flags: m.flags,
+            };
+            self.pages.insert(m.iova >> PAGE_SHIFT, p);
         }
         Ok(())
     }

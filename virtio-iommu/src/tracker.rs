@@ -221,6 +221,10 @@ pub(crate) struct EndpointCore {
     /// Whether the IOTLB was ever filled (invalidations skip it otherwise).
     #[cfg(not(loom))]
     pub iotlb_used: std::sync::atomic::AtomicBool,
+    /// Entries added to the IOTLB since it was last emptied (an upper
+    /// bound on its size: see `IOTLB_CAPACITY`). Changed under its lock.
+    #[cfg(not(loom))]
+    pub iotlb_fills: std::sync::atomic::AtomicUsize,
 }
 
 /// Why a translation failed.
@@ -387,6 +391,8 @@ impl EndpointCore {
             iotlb: std::sync::RwLock::new(vm_memory::Iotlb::new()),
             #[cfg(not(loom))]
             iotlb_used: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(not(loom))]
+            iotlb_fills: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

@@ -160,6 +160,19 @@ impl EndpointHandle {
     /// locks as a pin, so that an invalidation cannot slip between the
     /// lookup and the fill (the invalidation clears the IOTLB after it has
     /// removed the mapping under the domain's write lock).
+    /// Before an IOTLB fill (under its write lock): marks the IOTLB used
+    /// and empties it once it may hold `IOTLB_CAPACITY` entries, so that
+    /// what a guest can make it cache stays bounded (it is a cache: an
+    /// entry dropped is refilled from the domain on the next miss).
+    fn make_room(&self, tlb: &mut Iotlb) {
+        use std::sync::atomic::Ordering;
+        self.core.iotlb_used.store(true, Ordering::Release);
+        if self.core.iotlb_fills.fetch_add(1, Ordering::Relaxed) >= IOTLB_CAPACITY {
+            tlb.invalidate_all();
+            self.core.iotlb_fills.store(1, Ordering::Relaxed);
+        }
+    }
+
     fn fill_iotlb(&self, iova: u64, access: Permissions) -> Result<(), TranslateError> {
         let st = lock(&self.core.state);
         match st.route(&self.core.shared) {
@@ -174,9 +187,7 @@ impl EndpointHandle {
                 let len = (end - base).saturating_add(1).min(1 << 30);
                 let len = usize::try_from(len).unwrap_or(1 << 30);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
-                self.core
-                    .iotlb_used
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.make_room(&mut tlb);
                 tlb.set_mapping(
                     GuestAddress(base),
                     GuestAddress(base),
@@ -196,9 +207,7 @@ impl EndpointHandle {
                 let len = m.size().min(u64::MAX - m.iova);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
-                self.core
-                    .iotlb_used
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.make_room(&mut tlb);
                 tlb.set_mapping(
                     GuestAddress(m.iova),
                     GuestAddress(m.gpa),
@@ -210,6 +219,12 @@ impl EndpointHandle {
         }
     }
 }
+
+/// Entries an endpoint's IOTLB (the `vm_memory::Iommu` path's cache) may
+/// hold before it is emptied: bounds its memory (about 50 bytes an entry)
+/// whatever the guest maps, and equals the most pieces one translation
+/// may have ([`crate::tracker::MAX_RANGES_PER_TRANSLATION`]).
+pub const IOTLB_CAPACITY: usize = crate::tracker::MAX_RANGES_PER_TRANSLATION;
 
 /// The read guard over an endpoint's IOTLB that an [`IotlbIterator`] holds.
 pub struct IotlbReadGuard<'a>(std::sync::RwLockReadGuard<'a, Iotlb>);
@@ -254,9 +269,9 @@ impl vm_memory::Iommu for EndpointHandle {
             self.report_fault(TranslateError::BadRange, iova.0, len, access);
             return Err(range_err(TranslateError::BadRange.to_string()));
         }
-        // Each miss fills at least one mapping and moves on; the loop ends
-        // after at most one fill per mapping in the range, bounded by the
-        // mapping limit.
+        // Each miss fills one mapping and moves on. A range of k <=
+        // IOTLB_CAPACITY mappings needs at most 2k fills (the IOTLB may be
+        // emptied once on the way); a range of more is refused.
         let mut fills = 0usize;
         loop {
             let guard = IotlbReadGuard(self.core.iotlb.read().unwrap_or_else(|e| e.into_inner()));
@@ -271,8 +286,9 @@ impl vm_memory::Iommu for EndpointHandle {
                 .map(|r| r.base.0)
                 .min()
                 .ok_or_else(|| range_err("lookup failed without a reason".into()))?;
-            if fills > self.core.shared.limits.max_mappings_per_domain {
-                return Err(range_err("too many IOTLB refills".into()));
+            if fills > 2 * IOTLB_CAPACITY {
+                // A device-side limit, like a pin's (no fault record).
+                return Err(range_err(TranslateError::TooFragmented.to_string()));
             }
             fills += 1;
             if let Err(e) = self.fill_iotlb(first, access) {
@@ -305,5 +321,84 @@ impl EndpointHandle {
             let len = usize::try_from(len).unwrap_or(usize::MAX);
             tlb.invalidate_mapping(GuestAddress(start), len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Harness;
+    use crate::{IommuConfig, Status};
+
+    /// Maps `n` single pages at IOVA `i << 13` (every other page, so no two
+    /// are contiguous) to GPA `0x10_0000 + (i % 16) << 12`.
+    fn scattered(n: u64) -> (Harness, EndpointHandle) {
+        let mut h = Harness::new(IommuConfig::default());
+        let ep = h.dev.add_endpoint(1).unwrap();
+        assert_eq!(h.attach(1, 1, 0), Some(Status::Ok));
+        for i in 0..n {
+            let iova = i << 13;
+            let gpa = 0x10_0000 + ((i % 16) << 12);
+            assert_eq!(h.map(1, iova, iova + 0xfff, gpa, 3), Some(Status::Ok));
+        }
+        (h, ep)
+    }
+
+    #[test]
+    fn the_iotlb_stays_within_its_capacity_and_keeps_translating() {
+        let n = IOTLB_CAPACITY as u64 + 1000;
+        let (_h, ep) = scattered(n);
+        for round in 0..2 {
+            for i in 0..n {
+                let got: Vec<_> = vm_memory::Iommu::translate(
+                    &ep,
+                    GuestAddress((i << 13) + 8),
+                    16,
+                    Permissions::Read,
+                )
+                .unwrap()
+                .collect();
+                assert_eq!(got.len(), 1);
+                assert_eq!(
+                    got[0].base.0,
+                    0x10_0000 + ((i % 16) << 12) + 8,
+                    "round {round} page {i}"
+                );
+                let fills = ep
+                    .core
+                    .iotlb_fills
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                assert!(fills <= IOTLB_CAPACITY, "{fills} entries cached");
+            }
+        }
+    }
+
+    #[test]
+    fn a_range_over_more_pieces_than_the_iotlb_holds_is_refused() {
+        // n contiguous IOVA pages whose GPAs are not contiguous: n pieces.
+        let mut h = Harness::new(IommuConfig::default());
+        let ep = h.dev.add_endpoint(1).unwrap();
+        assert_eq!(h.attach(1, 1, 0), Some(Status::Ok));
+        let n = IOTLB_CAPACITY as u64 + 1;
+        for i in 0..n {
+            let gpa = 0x10_0000 + ((i % 2) << 16) + ((i % 16) << 12);
+            assert_eq!(
+                h.map(1, i << 12, (i << 12) + 0xfff, gpa, 3),
+                Some(Status::Ok)
+            );
+        }
+        let len = usize::try_from(n << 12).unwrap();
+        let e = vm_memory::Iommu::translate(&ep, GuestAddress(0), len, Permissions::Read)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("fragmented"), "{e}");
+        // One piece fewer fits.
+        let len = usize::try_from((n - 1) << 12).unwrap();
+        let total: usize =
+            vm_memory::Iommu::translate(&ep, GuestAddress(0), len, Permissions::Read)
+                .unwrap()
+                .map(|r| r.length)
+                .sum();
+        assert_eq!(total, len);
     }
 }
