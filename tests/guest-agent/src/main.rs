@@ -10,6 +10,7 @@ mod disks;
 mod faults;
 mod perf;
 mod scenarios;
+mod soak;
 mod vfio;
 mod virtio;
 
@@ -108,6 +109,7 @@ fn main() {
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
         "faults" => faults::faults(&params),
+        "soak" => soak::soak(&params),
         "perf" => perf::perf(&params),
         "kvm-check" => scenarios::kvm_check(),
         "kvm-hold" => scenarios::kvm_hold(),

@@ -41,13 +41,13 @@ impl Rng {
     }
 }
 
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
 
-fn seed_from_time() -> u64 {
+pub(crate) fn seed_from_time() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -198,12 +198,17 @@ impl Drop for AlignedBuf {
     }
 }
 
-struct WorkerStats {
-    written: u64,
-    read: u64,
+pub(crate) struct WorkerStats {
+    pub(crate) written: u64,
+    pub(crate) read: u64,
 }
 
-fn integrity_worker(disk: &Disk, region: (u64, u64), quota: u64, seed: u64) -> Res<WorkerStats> {
+pub(crate) fn integrity_worker(
+    disk: &Disk,
+    region: (u64, u64),
+    quota: u64,
+    seed: u64,
+) -> Res<WorkerStats> {
     let f = disk.open_direct()?;
     let (start, len) = region;
     let pages = len / PAGE as u64;
@@ -370,10 +375,10 @@ pub(crate) fn reserve_hugepages(n: u64) -> Res<()> {
 }
 
 #[derive(Default)]
-struct RaceStats {
-    rounds: u64,
-    violations: u64,
-    inflight_at_unmap: u64,
+pub(crate) struct RaceStats {
+    pub(crate) rounds: u64,
+    pub(crate) violations: u64,
+    pub(crate) inflight_at_unmap: u64,
     /// Time of the invalidating step: the UNMAP, the close, or the reset.
     unmap_us: Vec<u64>,
     status_ok: u64,
@@ -381,7 +386,7 @@ struct RaceStats {
     status_untouched: u64,
     changed_max: usize,
     /// Rounds after which the device status had DEVICE_NEEDS_RESET (ring).
-    needs_reset: Option<u64>,
+    pub(crate) needs_reset: Option<u64>,
 }
 
 impl RaceStats {
@@ -441,16 +446,16 @@ impl RaceStats {
     }
 }
 
-struct RaceCfg {
-    rounds: u64,
-    detach_rounds: u64,
-    ring_rounds: u64,
-    reset_rounds: u64,
-    race_len: usize,
-    filler_len: usize,
-    pause: Duration,
-    settle: Duration,
-    capacity: u64,
+pub(crate) struct RaceCfg {
+    pub(crate) rounds: u64,
+    pub(crate) detach_rounds: u64,
+    pub(crate) ring_rounds: u64,
+    pub(crate) reset_rounds: u64,
+    pub(crate) race_len: usize,
+    pub(crate) filler_len: usize,
+    pub(crate) pause: Duration,
+    pub(crate) settle: Duration,
+    pub(crate) capacity: u64,
 }
 
 /// Disk offsets for round `n`: (filler, racing). Each round reads fresh
@@ -476,7 +481,12 @@ fn start_race(dev: &mut VirtioBlk, cfg: &RaceCfg, data: &HugeBuf, n: u64) -> Res
     Ok(dev.pop_used().iter().map(|c| c.slot).collect())
 }
 
-fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+pub(crate) fn race_unmap(
+    bdf: &str,
+    cfg: &RaceCfg,
+    data: &HugeBuf,
+    first_round: u64,
+) -> Res<RaceStats> {
     let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
     let mut st = RaceStats::default();
     for r in 0..cfg.rounds {
@@ -511,7 +521,12 @@ fn race_unmap(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res
     Ok(st)
 }
 
-fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+pub(crate) fn race_detach(
+    bdf: &str,
+    cfg: &RaceCfg,
+    data: &HugeBuf,
+    first_round: u64,
+) -> Res<RaceStats> {
     let mut st = RaceStats::default();
     for r in 0..cfg.detach_rounds {
         phase("dma-race detach: open", r);
@@ -544,7 +559,12 @@ fn race_detach(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Re
 /// used ring that changes is a violation. The device should stop the
 /// queue (DEVICE_NEEDS_RESET); the driver resets it and starts over on
 /// freshly mapped rings.
-fn race_ring(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+pub(crate) fn race_ring(
+    bdf: &str,
+    cfg: &RaceCfg,
+    data: &HugeBuf,
+    first_round: u64,
+) -> Res<RaceStats> {
     let mut dev = VirtioBlk::open_split(bdf, RING_IOVA, BUFS_IOVA)?;
     let mut st = RaceStats {
         needs_reset: Some(0),
@@ -589,7 +609,12 @@ fn race_ring(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<
 /// status to read 0; then it unmaps and reuses the buffer. Any byte the
 /// device writes after that is a violation: a reset must complete only
 /// after the DMA it abandons.
-fn race_reset(bdf: &str, cfg: &RaceCfg, data: &HugeBuf, first_round: u64) -> Res<RaceStats> {
+pub(crate) fn race_reset(
+    bdf: &str,
+    cfg: &RaceCfg,
+    data: &HugeBuf,
+    first_round: u64,
+) -> Res<RaceStats> {
     let mut dev = VirtioBlk::open(bdf, RING_IOVA)?;
     let mut st = RaceStats::default();
     for r in 0..cfg.reset_rounds {
@@ -681,6 +706,68 @@ pub fn dma_race(p: &Params) -> Res<String> {
 
 // ---------------------------------------------------------------- churn
 
+/// One churn cycle on `dev`: map a random buffer, write random blocks
+/// through it, read them back through a second mapping, verify, unmap.
+/// Returns the bytes moved.
+pub(crate) fn churn_cycle(
+    dev: &mut VirtioBlk,
+    data: &HugeBuf,
+    rng: &mut Rng,
+    i: u64,
+    blocks: u64,
+) -> Res<u64> {
+    let mut wbuf = vec![0u8; 64 * 1024];
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let len = PAGE * (1 + rng.below(16) as usize);
+    let buf_off = PAGE * rng.below(256) as usize;
+    let iova = DATA_IOVA + (i % 64) * 4 * MIB + buf_off as u64;
+    let sector = (RESERVED_BYTES + rng.below(blocks) * 64 * 1024) / 512;
+    let seed = rng.next_u64() | 1;
+    for (k, pg) in wbuf[..len].chunks_exact_mut(PAGE).enumerate() {
+        fill_page(pg, seed, k as u64);
+    }
+    data.write(buf_off, &wbuf[..len]);
+    data.fill(buf_off + len, len, 0);
+    // SAFETY: buf_off + 2*len <= 1 MiB + 128 KiB < 2 MiB.
+    let vaddr = unsafe { data.ptr.add(buf_off) };
+    phase("churn: map", i);
+    dev.sess
+        .map_dma(vaddr, iova, 2 * len as u64)
+        .map_err(|e| format!("cycle {i}: {e}"))?;
+    phase("churn: write", i);
+    let s = dev.io(VIRTIO_BLK_T_OUT, sector, iova, len as u32)?;
+    if s != 0 {
+        return Err(format!("cycle {i}: WRITE status {s}"));
+    }
+    phase("churn: read", i);
+    let s = dev.io(VIRTIO_BLK_T_IN, sector, iova + len as u64, len as u32)?;
+    if s != 0 {
+        return Err(format!("cycle {i}: READ status {s}"));
+    }
+    data.read(buf_off + len, &mut rbuf[..len]);
+    if rbuf[..len] != wbuf[..len] {
+        return Err(format!("cycle {i}: read-back mismatch at sector {sector}"));
+    }
+    phase("churn: unmap", i);
+    let n = dev
+        .sess
+        .unmap_dma(iova, 2 * len as u64)
+        .map_err(|e| format!("cycle {i}: {e}"))?;
+    if n != 2 * len as u64 {
+        return Err(format!(
+            "cycle {i}: UNMAP_DMA unmapped {n} of {} bytes",
+            2 * len
+        ));
+    }
+    Ok(2 * len as u64)
+}
+
+/// 64 KiB blocks of `dev` past the reserved start.
+pub(crate) fn churn_blocks(dev: &VirtioBlk) -> Res<u64> {
+    let cap = dev.capacity()? * 512;
+    Ok((cap.saturating_sub(RESERVED_BYTES) / (64 * 1024)).max(1))
+}
+
 pub fn churn(p: &Params) -> Res<String> {
     let disks = disks::discover(p.num("ndisks", 0) as usize)?;
     let disk = match p.get("churn_disk") {
@@ -698,59 +785,15 @@ pub fn churn(p: &Params) -> Res<String> {
     phase("churn: open", 0);
     let mut dev = VirtioBlk::open(&disk.bdf, RING_IOVA)?;
     let data = HugeBuf::new(HUGE_PAGE)?;
-    let cap = dev.capacity()? * 512;
-    let blocks = (cap.saturating_sub(RESERVED_BYTES) / (64 * 1024)).max(1);
+    let blocks = churn_blocks(&dev)?;
     let mut rng = Rng::new(seed_from_time());
     let t = Instant::now();
     let mut bytes = 0u64;
-    let mut wbuf = vec![0u8; 64 * 1024];
-    let mut rbuf = vec![0u8; 64 * 1024];
     for i in 0..cycles {
-        let len = PAGE * (1 + rng.below(16) as usize);
-        let buf_off = PAGE * rng.below(256) as usize;
-        let iova = DATA_IOVA + (i % 64) * 4 * MIB + buf_off as u64;
-        let sector = (RESERVED_BYTES + rng.below(blocks) * 64 * 1024) / 512;
-        let seed = rng.next_u64() | 1;
-        for (k, pg) in wbuf[..len].chunks_exact_mut(PAGE).enumerate() {
-            fill_page(pg, seed, k as u64);
-        }
-        data.write(buf_off, &wbuf[..len]);
-        data.fill(buf_off + len, len, 0);
-        // SAFETY: buf_off + 2*len <= 1 MiB + 128 KiB < 2 MiB.
-        let vaddr = unsafe { data.ptr.add(buf_off) };
         if i % 500 == 0 && i > 0 {
             say(&format!("churn progress: cycle={i}"));
         }
-        phase("churn: map", i);
-        dev.sess
-            .map_dma(vaddr, iova, 2 * len as u64)
-            .map_err(|e| format!("cycle {i}: {e}"))?;
-        phase("churn: write", i);
-        let s = dev.io(VIRTIO_BLK_T_OUT, sector, iova, len as u32)?;
-        if s != 0 {
-            return Err(format!("cycle {i}: WRITE status {s}"));
-        }
-        phase("churn: read", i);
-        let s = dev.io(VIRTIO_BLK_T_IN, sector, iova + len as u64, len as u32)?;
-        if s != 0 {
-            return Err(format!("cycle {i}: READ status {s}"));
-        }
-        data.read(buf_off + len, &mut rbuf[..len]);
-        if rbuf[..len] != wbuf[..len] {
-            return Err(format!("cycle {i}: read-back mismatch at sector {sector}"));
-        }
-        phase("churn: unmap", i);
-        let n = dev
-            .sess
-            .unmap_dma(iova, 2 * len as u64)
-            .map_err(|e| format!("cycle {i}: {e}"))?;
-        if n != 2 * len as u64 {
-            return Err(format!(
-                "cycle {i}: UNMAP_DMA unmapped {n} of {} bytes",
-                2 * len
-            ));
-        }
-        bytes += 2 * len as u64;
+        bytes += churn_cycle(&mut dev, &data, &mut rng, i, blocks)?;
     }
     dev.reset()?;
     Ok(format!(

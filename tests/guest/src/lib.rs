@@ -250,6 +250,10 @@ pub struct Scenario {
     /// Extra arguments for the VMM under test in this scenario (before
     /// those of [`VMM_EXTRA_ARGS`]), e.g. `--iommu drain=off`.
     pub vmm_args: Vec<String>,
+    /// Nested route: every this often, L1 prints the VMM's resident set
+    /// and thread count (`L1-VMM-STAT uptime=S VmRSS=KIB Threads=N`;
+    /// see [`Outcome::vmm_stats`]).
+    pub vmm_stats_every: Option<Duration>,
 }
 
 impl Scenario {
@@ -264,6 +268,7 @@ impl Scenario {
             repeat: 1,
             run_timeout: Duration::from_secs(60),
             vmm_args: Vec::new(),
+            vmm_stats_every: None,
         }
     }
 
@@ -359,6 +364,24 @@ impl Outcome {
         self.lines
             .iter()
             .filter_map(|l| l.find(prefix).map(|i| l[i..].to_string()))
+            .collect()
+    }
+
+    /// The VMM's samples from `L1-VMM-STAT` lines (see
+    /// [`Scenario::vmm_stats_every`]): (L1 uptime in s, VmRSS in KiB,
+    /// threads).
+    pub fn vmm_stats(&self) -> Vec<(f64, u64, u64)> {
+        self.lines_with("L1-VMM-STAT ")
+            .into_iter()
+            .filter_map(|l| {
+                let l = l.as_str();
+                let kv = parse_kv(l);
+                Some((
+                    kv.get("uptime")?.parse().ok()?,
+                    kv.get("VmRSS")?.parse().ok()?,
+                    kv.get("Threads")?.parse().ok()?,
+                ))
+            })
             .collect()
     }
 
@@ -728,6 +751,18 @@ impl Bed {
                 ));
             } else {
                 let secs = s.timeout.as_secs().saturating_sub(20).max(10);
+                if let Some(every) = s.vmm_stats_every {
+                    // A sampler in the background: the VMM's /proc status,
+                    // one line per sample, until the VMM is gone.
+                    script.push_str(&format!(
+                        "( sleep 2; while p=$(pidof vmm); do \
+                         echo \"L1-VMM-STAT uptime=$(cut -d' ' -f1 /proc/uptime) \
+                         $(grep -E '^(VmRSS|Threads):' /proc/$p/status | tr -s ' \\t' ' ' \
+                         | sed 's/: /=/' | cut -d' ' -f1 | tr '\\n' ' ')\"; \
+                         sleep {}; done ) &\n",
+                        every.as_secs().max(1)
+                    ));
+                }
                 script.push_str(&format!(
                     "echo \"L1-VMM start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
                      {}\n\
@@ -1412,6 +1447,26 @@ mod tests {
         assert!(c.contains("ndisks=1"));
         assert!(c.contains("watchdog=60"));
         assert!(c.ends_with("rounds=3"));
+    }
+
+    #[test]
+    fn vmm_stats_parse() {
+        let out = Outcome {
+            lines: vec![
+                "L1-VMM-STAT uptime=12.5 VmRSS=530000 Threads=11 ".into(),
+                "noise".into(),
+                "L1-VMM-STAT uptime=22.5 VmRSS=531000 Threads=13".into(),
+                "L1-VMM-STAT uptime=32.5 ".into(),
+            ],
+            log_path: PathBuf::from("/dev/null"),
+            elapsed: Duration::ZERO,
+            timed_out: false,
+            route: Route::Nested,
+        };
+        assert_eq!(
+            out.vmm_stats(),
+            vec![(12.5, 530000, 11), (22.5, 531000, 13)]
+        );
     }
 
     #[test]
