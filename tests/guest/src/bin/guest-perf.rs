@@ -19,6 +19,9 @@
 //! 4 KiB reads range over 2x). It is not the issue's alternating-boots
 //! method (the IOMMU thread also runs during the off side's operations).
 //!
+//! `--disk-opts K=V[,K=V]` appends options to every disk's `--disk` value
+//! (e.g. `_disable_io_uring=on`, the reference VMM's worker threads).
+//!
 //! `key=value` words go to the agent (`n4k=1000 n256k=100 nw4k=500
 //! warmup=16 seed=1 max_s=60`). Environment knobs are those of the bed
 //! (`VIRTIO_IOMMU_TEST_VMM`, `VIRTIO_IOMMU_TEST_ROUTE`, ...). Without images,
@@ -30,7 +33,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: guest-perf [--boots N] [--cpus N] [--disk-mib N] [--timeout SECS] \
-[--first on|off] [--paired] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
+[--first on|off] [--paired] [--disk-opts K=V,..] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
 
 /// Summary rows: agent fields, plus `l2init_ms` from the serial log.
 const METRICS: &[&str] = &[
@@ -58,6 +61,8 @@ struct Opts {
     quiet_cores: f64,
     /// One boot per round with both disks, operations alternating.
     paired: bool,
+    /// Appended to every disk's `--disk` value.
+    disk_opts: Option<String>,
     params: Vec<String>,
 }
 
@@ -71,6 +76,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         quiet_wait: Duration::ZERO,
         quiet_cores: 0.3,
         paired: false,
+        disk_opts: None,
         params: Vec::new(),
     };
     let mut w = CliWords::new(args);
@@ -95,6 +101,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                     .map_err(|_| format!("--quiet-cores: not a number: {v:?}"))?
             }
             "--paired" => o.paired = true,
+            "--disk-opts" => o.disk_opts = Some(w.value(a)?),
             "-h" | "--help" => return Err(String::new()),
             p if CliWords::is_agent_param(p) => o.params.push(p.to_string()),
             p => return Err(format!("unknown argument {p:?}")),
@@ -215,6 +222,9 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
             DiskSpec::new("perf-off", o.disk_mib, false),
         ];
         s.params.push("pair=perf-off".into());
+    }
+    if let Some(opts) = &o.disk_opts {
+        s.disks = s.disks.into_iter().map(|d| d.with_vmm_opts(opts)).collect();
     }
     s.timeout = o.timeout;
     let mut attempt = 0;
@@ -547,6 +557,13 @@ mod tests {
         assert_eq!(o.params, vec!["n4k=10".to_string()]);
         assert!(!o.paired);
         assert!(parse_args(&words("--paired")).unwrap().paired);
+        assert_eq!(
+            parse_args(&words("--disk-opts _disable_io_uring=on"))
+                .unwrap()
+                .disk_opts
+                .as_deref(),
+            Some("_disable_io_uring=on")
+        );
         let d = parse_args(&[]).unwrap();
         assert_eq!((d.boots, d.cpus, d.disk_mib, d.first_on), (3, 1, 256, true));
         assert!(parse_args(&words("--boots")).is_err());
