@@ -198,11 +198,17 @@ fn bench_translate(c: &mut Criterion) {
     g.bench_function("pin+release x2 threads", |b| {
         b.iter_custom(|iters| two_threads(&ep, &ep2, iters, N))
     });
+    // One multi-queue device is one endpoint: every queue's requests pin
+    // through it, so its lock is shared.
+    g.bench_function("pin+release x2 threads, one endpoint", |b| {
+        b.iter_custom(|iters| two_threads(&ep, &ep, iters, N))
+    });
     g.finish();
 }
 
-/// Both threads pin `iters` times on their own endpoint; returns the mean
-/// of the two threads' elapsed times (so it is per pin per thread).
+/// Two threads pin `iters` times, one on `a` and one on `b` (the same
+/// endpoint or two); returns the mean of the two threads' elapsed times
+/// (so it is per pin per thread).
 fn two_threads(a: &EndpointHandle, b: &EndpointHandle, iters: u64, n: u64) -> Duration {
     let barrier = Arc::new(Barrier::new(2));
     let run = |ep: EndpointHandle, barrier: Arc<Barrier>, seed: u64| {
