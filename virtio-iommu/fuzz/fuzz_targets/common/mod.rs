@@ -36,7 +36,11 @@
 //! - each endpoint's "IOTLB was used" flag, which lets an invalidation skip
 //!   an IOTLB that was never filled. [`World::new`] fills every endpoint's
 //!   IOTLB once before the first input, so the flag is set for every
-//!   input, the first one included.
+//!   input, the first one included;
+//! - each endpoint's count of IOTLB fills, after 4096 of which the IOTLB
+//!   (the `vm_memory::Iommu` path's cache, empty after a reset) is emptied
+//!   and refilled on demand: the same translations, but an input may see
+//!   that happen at another of its fills than in a fresh process.
 
 #![allow(dead_code)]
 
