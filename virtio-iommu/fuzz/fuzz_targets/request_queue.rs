@@ -253,10 +253,10 @@ impl Fuzz {
                 if valid && ep.is_bypassed() {
                     // An identity range needs one IOTLB fill per GiB, and
                     // one of more than 4096 pieces is refused only after
-                    // 8192 fills (~0.1 s here): keep it to 64 GiB (virtio's
+                    // 8192 fills (~0.1 s here): keep it to 8 GiB (virtio's
                     // descriptor lengths stop at 4 GiB). The translate
                     // target does the same.
-                    len = len.min(64 << 30);
+                    len = len.min(8 << 30);
                 }
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 let got = vm_memory::Iommu::translate(&ep, GuestAddress(addr), len, access)

@@ -17,7 +17,7 @@
 //!   byte of the space, which its end-exclusive IOTLB cannot describe),
 //!   into exactly the model's guest-physical ranges, in full: never in
 //!   part, never an `Ok` with zero bytes (identity ranges given to
-//!   `vm_memory::Iommu` are kept to 64 GiB, see `iommu_translate`);
+//!   `vm_memory::Iommu` are kept to 8 GiB, see `iommu_translate`);
 //! - a refusal is an error with the model's reason (the first address
 //!   that is unmapped or not permitted), and is reported as exactly one
 //!   fault record (none for an empty range or a resource limit); an
@@ -64,7 +64,7 @@ const EP_REGION: ReservedRegion = ReservedRegion {
 const MAX_PER_DOMAIN: usize = 16;
 const MAX_PINS: usize = 8;
 /// Longest identity range given to `vm_memory::Iommu::translate`.
-const MAX_IDENTITY_LEN: u64 = 64 << 30;
+const MAX_IDENTITY_LEN: u64 = 8 << 30;
 const CONFIGS: usize = 3;
 
 fn config(variant: usize) -> IommuConfig {
@@ -662,7 +662,7 @@ impl Fuzz {
             // Each IOTLB fill covers at most 1 GiB of an identity range,
             // and a range needing more than IOTLB_CAPACITY (4096) fills is
             // refused only after 8192 of them (~0.1 s here): keep such
-            // ranges to 64 GiB (64 fills). Virtio's 32-bit descriptor
+            // ranges to 8 GiB (9 fills). Virtio's 32-bit descriptor
             // lengths cannot ask for more than 4 GiB anyway.
             len = len.min(MAX_IDENTITY_LEN);
         }
@@ -708,7 +708,7 @@ impl Fuzz {
                 // A range of up to IOTLB_CAPACITY (4096) pieces is never
                 // refused for its length: domains hold at most
                 // MAX_PER_DOMAIN mappings here, identity ranges are kept
-                // to 64 pieces.
+                // to 9 pieces.
                 assert!(
                     expect.is_err() || reaches_top,
                     "{addr:#x}+{len:#x} {access:?} refused; the model translates it: {expect:?}"
