@@ -254,6 +254,10 @@ pub struct Scenario {
     /// and thread count (`L1-VMM-STAT uptime=S VmRSS=KIB Threads=N`;
     /// see [`Outcome::vmm_stats`]).
     pub vmm_stats_every: Option<Duration>,
+    /// L2 uses the IOMMU in strict mode (`iommu.strict=1`: every unmap is
+    /// sent and waited for at once); `false` gives the lazy mode
+    /// (`iommu.strict=0`: unmaps batched through a flush queue).
+    pub strict: bool,
 }
 
 impl Scenario {
@@ -269,6 +273,7 @@ impl Scenario {
             run_timeout: Duration::from_secs(60),
             vmm_args: Vec::new(),
             vmm_stats_every: None,
+            strict: true,
         }
     }
 
@@ -277,7 +282,8 @@ impl Scenario {
         // the agent's watchdog fires well before the runner's hard timeout.
         let watchdog = self.timeout.as_secs().saturating_sub(60).max(30);
         let mut c = format!(
-            "console=ttyS0 quiet panic=-1 iommu.strict=1 scenario={} ndisks={} watchdog={watchdog}",
+            "console=ttyS0 quiet panic=-1 iommu.strict={} scenario={} ndisks={} watchdog={watchdog}",
+            u8::from(self.strict),
             self.name,
             self.disks.len()
         );
@@ -1444,6 +1450,8 @@ mod tests {
         let c = s.l2_cmdline();
         assert!(c.contains("scenario=probe"));
         assert!(c.contains("iommu.strict=1"));
+        s.strict = false;
+        assert!(s.l2_cmdline().contains("iommu.strict=0"));
         assert!(c.contains("ndisks=1"));
         assert!(c.contains("watchdog=60"));
         assert!(c.ends_with("rounds=3"));

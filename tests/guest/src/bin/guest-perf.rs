@@ -19,6 +19,12 @@
 //! 4 KiB reads range over 2x). It is not the issue's alternating-boots
 //! method (the IOMMU thread also runs during the off side's operations).
 //!
+//! `--lazy` boots L2 with `iommu.strict=0` (unmaps batched through the
+//! IOMMU's flush queue, Linux's x86 default) instead of `iommu.strict=1`.
+//! `--busy N` keeps N threads spinning on this host, pinned to CPUs 0..N,
+//! during every boot: a deterministic background load (e.g. `--busy 1` on
+//! a 2-core host leaves the nested bed one free core).
+//!
 //! `--disk-opts K=V[,K=V]` appends options to every disk's `--disk` value
 //! (e.g. `_disable_io_uring=on`, the reference VMM's worker threads).
 //!
@@ -33,7 +39,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: guest-perf [--boots N] [--cpus N] [--disk-mib N] [--timeout SECS] \
-[--first on|off] [--paired] [--disk-opts K=V,..] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
+[--first on|off] [--paired] [--lazy] [--busy N] [--disk-opts K=V,..] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
 
 /// Summary rows: agent fields, plus `l2init_ms` from the serial log.
 const METRICS: &[&str] = &[
@@ -63,6 +69,10 @@ struct Opts {
     paired: bool,
     /// Appended to every disk's `--disk` value.
     disk_opts: Option<String>,
+    /// L2 in lazy mode (`iommu.strict=0`).
+    lazy: bool,
+    /// Host threads spinning during each boot.
+    busy: usize,
     params: Vec<String>,
 }
 
@@ -77,6 +87,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         quiet_cores: 0.3,
         paired: false,
         disk_opts: None,
+        lazy: false,
+        busy: 0,
         params: Vec::new(),
     };
     let mut w = CliWords::new(args);
@@ -102,6 +114,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             }
             "--paired" => o.paired = true,
             "--disk-opts" => o.disk_opts = Some(w.value(a)?),
+            "--lazy" => o.lazy = true,
+            "--busy" => o.busy = w.number(a)? as usize,
             "-h" | "--help" => return Err(String::new()),
             p if CliWords::is_agent_param(p) => o.params.push(p.to_string()),
             p => return Err(format!("unknown argument {p:?}")),
@@ -166,6 +180,50 @@ impl CpuSample {
     }
 }
 
+/// Threads spinning on pinned CPUs until dropped (`--busy N`): the same
+/// background load in every boot. Being this process's, their CPU time is
+/// not counted in `others`.
+struct BusyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyLoad {
+    fn start(n: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|cpu| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET
+                    // and sched_setaffinity only touch that local value.
+                    unsafe {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut set);
+                        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                    }
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        BusyLoad { stop, threads }
+    }
+}
+
+impl Drop for BusyLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Waits (up to `o.quiet_wait`) until other processes use less than
 /// `o.quiet_cores` CPUs over a 3 s window.
 fn wait_quiet(o: &Opts) {
@@ -227,12 +285,16 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
         s.disks = s.disks.into_iter().map(|d| d.with_vmm_opts(opts)).collect();
     }
     s.timeout = o.timeout;
+    s.strict = !o.lazy;
     let mut attempt = 0;
     let (out, wall, others) = loop {
         let t = Instant::now();
+        let load = BusyLoad::start(o.busy);
         let cpu = CpuSample::take();
-        let out = bed.run(&s)?;
+        let out = bed.run(&s);
         let others = cpu.others_cores_since();
+        drop(load);
+        let out = out?;
         // The run that counts (`Bed::run` may have retried an L1 oops).
         let wall = out.elapsed.min(t.elapsed());
         // L1 itself went away (QEMU exited without the VMM's exit line and
@@ -462,14 +524,22 @@ fn main() -> ExitCode {
     let images = std::fs::canonicalize(&bed.images.dir).unwrap_or(bed.images.dir.clone());
     println!("command: {}", command_line());
     println!(
-        "vmm={} route={:?} images={} boots={}x(on,off) cpus={} disk=perf {} MiB params=[{}]",
+        "vmm={} route={:?} images={} boots={}x(on,off) cpus={} disk=perf {} MiB params=[{}] \
+         guest={} host_busy_threads={} disk_opts={}",
         bed.vmm.display(),
         bed.route,
         images.display(),
         o.boots,
         o.cpus,
         o.disk_mib,
-        o.params.join(" ")
+        o.params.join(" "),
+        if o.lazy {
+            "lazy(iommu.strict=0)"
+        } else {
+            "strict(iommu.strict=1)"
+        },
+        o.busy,
+        o.disk_opts.as_deref().unwrap_or("-")
     );
     // SAFETY: getpriority has no memory-safety preconditions.
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
@@ -557,6 +627,8 @@ mod tests {
         assert_eq!(o.params, vec!["n4k=10".to_string()]);
         assert!(!o.paired);
         assert!(parse_args(&words("--paired")).unwrap().paired);
+        let b = parse_args(&words("--lazy --busy 1")).unwrap();
+        assert_eq!((b.lazy, b.busy), (true, 1));
         assert_eq!(
             parse_args(&words("--disk-opts _disable_io_uring=on"))
                 .unwrap()
