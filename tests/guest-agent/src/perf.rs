@@ -12,6 +12,11 @@
 //! agent start> <metric>_us=<mean> <metric>_med_us=<median> <metric>_n=<ops>`
 //! for `read4k`, `read256k`, `write4k`.
 //!
+//! Throughput (off unless asked for, and not with `pair`): `qd=N qd_s=S`
+//! runs N threads of random 4 KiB O_DIRECT reads for S seconds (queue
+//! depth N; `qd<N>_iops=`), and `seq1m_s=S` reads the disk sequentially in
+//! 1 MiB requests for S seconds (`seq1m_mbps=`).
+//!
 //! Paired (`pair=<id>`): a second disk, which must be outside the IOMMU,
 //! takes every other operation with the same offsets, so that one boot
 //! measures both sides under the same conditions; its fields carry an
@@ -162,6 +167,60 @@ impl Phase<'_> {
     }
 }
 
+/// `threads` threads of random 4 KiB reads on `f` for `secs`; returns the
+/// reads per second.
+fn random_reads_iops(f: &fs::File, size: u64, threads: u64, secs: u64, seed: u64) -> Res<f64> {
+    let budget = Duration::from_secs(secs.max(1));
+    let t = Instant::now();
+    let counts: Vec<Res<u64>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|k| {
+                sc.spawn(move || {
+                    let mut rng = Rng::new(seed ^ (k << 40));
+                    let mut buf = Aligned::new(PAGE);
+                    let mut n = 0u64;
+                    while t.elapsed() < budget {
+                        let off = random_offset(&mut rng, size, PAGE as u64);
+                        f.read_exact_at(buf.as_mut(), off)
+                            .map_err(|e| format!("QD read at {off}: {e}"))?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("reader panicked".into())))
+            .collect()
+    });
+    let mut total = 0;
+    for c in counts {
+        total += c?;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Sequential 1 MiB reads of `f` (wrapping at its end) for `secs`;
+/// returns MB/s (10^6 bytes).
+fn sequential_mbps(f: &fs::File, size: u64, secs: u64) -> Res<f64> {
+    let len = 1u64 << 20;
+    let mut buf = Aligned::new(len as usize);
+    let budget = Duration::from_secs(secs.max(1));
+    let t = Instant::now();
+    let mut off = RESERVED_BYTES;
+    let mut bytes = 0u64;
+    while t.elapsed() < budget {
+        if off + len > size {
+            off = RESERVED_BYTES;
+        }
+        f.read_exact_at(buf.as_mut(), off)
+            .map_err(|e| format!("sequential read at {off}: {e}"))?;
+        off += len;
+        bytes += len;
+    }
+    Ok(bytes as f64 / 1e6 / t.elapsed().as_secs_f64())
+}
+
 pub fn perf(p: &Params) -> Res<String> {
     let init_ms = uptime_ms().ok_or("cannot read /proc/uptime")?;
     phase("perf: disks", 0);
@@ -245,8 +304,21 @@ pub fn perf(p: &Params) -> Res<String> {
         Some(d) => format!(" pair={} {}", d.name, fields(1, "off_")),
         None => String::new(),
     };
+    let mut throughput = String::new();
+    let qd = p.num("qd", 0);
+    if qd > 0 && pair.is_none() {
+        phase("perf: qd", qd);
+        let iops = random_reads_iops(&f, disk.size, qd, p.num("qd_s", 10), p.num("seed", 1))?;
+        throughput.push_str(&format!(" qd{qd}_iops={iops:.0}"));
+    }
+    let seq_s = p.num("seq1m_s", 0);
+    if seq_s > 0 && pair.is_none() {
+        phase("perf: seq1m", 0);
+        let mbps = sequential_mbps(&f, disk.size, seq_s)?;
+        throughput.push_str(&format!(" seq1m_mbps={mbps:.1}"));
+    }
     Ok(format!(
-        "iommu={} group={shown} disk={} init_ms={init_ms} {}{paired} secs={:.2}",
+        "iommu={} group={shown} disk={} init_ms={init_ms} {}{paired}{throughput} secs={:.2}",
         if disk.iommu_on { "on" } else { "off" },
         disk.name,
         fields(0, ""),

@@ -29,7 +29,8 @@
 //! (e.g. `_disable_io_uring=on`, the reference VMM's worker threads).
 //!
 //! `key=value` words go to the agent (`n4k=1000 n256k=100 nw4k=500
-//! warmup=16 seed=1 max_s=60`). Environment knobs are those of the bed
+//! warmup=16 seed=1 max_s=60`; throughput: `qd=32 qd_s=10 seq1m_s=10`,
+//! with `--cpus 2` for QD32 as the performance issue asks). Environment knobs are those of the bed
 //! (`VIRTIO_IOMMU_TEST_VMM`, `VIRTIO_IOMMU_TEST_ROUTE`, ...). Without images,
 //! VMM or QEMU it prints `SKIP: guest-perf: <reason>` and exits 0.
 
@@ -52,6 +53,8 @@ const METRICS: &[&str] = &[
     "read4k_med_us",
     "read256k_med_us",
     "write4k_med_us",
+    "qd32_iops",
+    "seq1m_mbps",
 ];
 
 #[derive(Debug, PartialEq)]
