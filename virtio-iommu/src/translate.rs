@@ -156,38 +156,45 @@ impl EndpointHandle {
         )
     }
 
-    /// Fills the IOTLB with the mapping containing `iova`, under the same
-    /// locks as a pin, so that an invalidation cannot slip between the
-    /// lookup and the fill (the invalidation clears the IOTLB after it has
-    /// removed the mapping under the domain's write lock).
-    /// Before an IOTLB fill (under its write lock): marks the IOTLB used
-    /// and empties it once it may hold `IOTLB_CAPACITY` entries, so that
-    /// what a guest can make it cache stays bounded (it is a cache: an
-    /// entry dropped is refilled from the domain on the next miss).
-    fn make_room(&self, tlb: &mut Iotlb) {
+    /// Before `n` IOTLB fills (under its write lock): marks the IOTLB used
+    /// and empties it if the fills would take it past `IOTLB_CAPACITY`
+    /// entries, so that what a guest can make it cache stays bounded (it
+    /// is a cache: an entry dropped is refilled from the domain on the
+    /// next miss).
+    fn make_room(&self, tlb: &mut Iotlb, n: usize) {
         use std::sync::atomic::Ordering;
         self.core.iotlb_used.store(true, Ordering::Release);
-        if self.core.iotlb_fills.fetch_add(1, Ordering::Relaxed) >= IOTLB_CAPACITY {
+        let fills = &self.core.iotlb_fills;
+        if fills.load(Ordering::Relaxed) + n > IOTLB_CAPACITY {
             tlb.invalidate_all();
-            self.core.iotlb_fills.store(1, Ordering::Relaxed);
+            fills.store(0, Ordering::Relaxed);
         }
+        fills.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn fill_iotlb(&self, iova: u64, access: Permissions) -> Result<(), TranslateError> {
+    /// Fills the IOTLB for `[iova, last]` (from a lookup's first miss to
+    /// the end of the range) in one pass, under the same locks as a pin,
+    /// so that an invalidation cannot slip between the lookup and the fill
+    /// (the invalidation clears the IOTLB after it has removed the mapping
+    /// under the domain's write lock). A range over more than
+    /// `IOTLB_CAPACITY` mappings is refused before anything is filled.
+    fn fill_iotlb(&self, iova: u64, last: u64, access: Permissions) -> Result<(), TranslateError> {
         let st = lock(&self.core.state);
         match st.route(&self.core.shared) {
             Route::Blocked => Err(TranslateError::NotAttached),
             Route::Identity(_) => {
-                // Identity: one entry for the (page-aligned) neighbourhood,
+                // Identity: one entry from the first miss's page to the
+                // end of the range (at least 1 GiB, to serve neighbours),
                 // inside the input range. The IOTLB's ranges are
                 // end-exclusive, so the space's last byte is never cached
                 // (the caller refuses ranges that reach it).
                 let base = iova & !0xfff;
                 let end = self.core.shared.input_end.min(u64::MAX - 1);
-                let len = (end - base).saturating_add(1).min(1 << 30);
-                let len = usize::try_from(len).unwrap_or(1 << 30);
+                let want = (last - base).saturating_add(1).max(1 << 30);
+                let len = (end - base).saturating_add(1).min(want);
+                let len = usize::try_from(len).map_err(|_| TranslateError::BadRange)?;
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
-                self.make_room(&mut tlb);
+                self.make_room(&mut tlb, 1);
                 tlb.set_mapping(
                     GuestAddress(base),
                     GuestAddress(base),
@@ -198,23 +205,38 @@ impl EndpointHandle {
             }
             Route::Domain(d) => {
                 let tree = read(&d.mappings);
-                let m = tree.lookup(iova).ok_or(TranslateError::NotMapped(iova))?;
-                if !m.flags.allows(access) {
-                    return Err(TranslateError::Permission(iova));
+                let mut found = Vec::new();
+                let mut cur = iova;
+                loop {
+                    let m = tree.lookup(cur).ok_or(TranslateError::NotMapped(cur))?;
+                    if !m.flags.allows(access) {
+                        return Err(TranslateError::Permission(cur));
+                    }
+                    if found.len() == IOTLB_CAPACITY {
+                        return Err(TranslateError::TooFragmented);
+                    }
+                    found.push(m);
+                    if m.iova_end >= last {
+                        break;
+                    }
+                    cur = m.iova_end + 1;
                 }
-                // End-exclusive in the IOTLB: a mapping that reaches the
-                // last byte of the space is cached without that byte.
-                let len = m.size().min(u64::MAX - m.iova);
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
                 let mut tlb = self.core.iotlb.write().unwrap_or_else(|e| e.into_inner());
-                self.make_room(&mut tlb);
-                tlb.set_mapping(
-                    GuestAddress(m.iova),
-                    GuestAddress(m.gpa),
-                    len,
-                    m.flags.permissions(),
-                )
-                .map_err(|_| TranslateError::BadRange)
+                self.make_room(&mut tlb, found.len());
+                for m in found {
+                    // End-exclusive in the IOTLB: a mapping that reaches
+                    // the last byte of the space is cached without it.
+                    let len = m.size().min(u64::MAX - m.iova);
+                    let len = usize::try_from(len).unwrap_or(usize::MAX);
+                    tlb.set_mapping(
+                        GuestAddress(m.iova),
+                        GuestAddress(m.gpa),
+                        len,
+                        m.flags.permissions(),
+                    )
+                    .map_err(|_| TranslateError::BadRange)?;
+                }
+                Ok(())
             }
         }
     }
@@ -269,11 +291,11 @@ impl vm_memory::Iommu for EndpointHandle {
             self.report_fault(TranslateError::BadRange, iova.0, len, access);
             return Err(range_err(TranslateError::BadRange.to_string()));
         }
-        // Each miss fills one mapping and moves on. A range of k <=
-        // IOTLB_CAPACITY mappings needs at most 2k fills (the IOTLB may be
-        // emptied once on the way); a range of more is refused.
-        let mut fills = 0usize;
-        loop {
+        // A miss fills the rest of the range in one pass (refused when it
+        // spans more mappings than the IOTLB holds); a second miss can
+        // only come from an invalidation racing this call.
+        let last = iova.0 + (len - 1);
+        for _ in 0..4 {
             let guard = IotlbReadGuard(self.core.iotlb.read().unwrap_or_else(|e| e.into_inner()));
             let fails = match Iotlb::lookup(guard, iova, length, access) {
                 Ok(it) => return Ok(it),
@@ -286,16 +308,19 @@ impl vm_memory::Iommu for EndpointHandle {
                 .map(|r| r.base.0)
                 .min()
                 .ok_or_else(|| range_err("lookup failed without a reason".into()))?;
-            if fills > 2 * IOTLB_CAPACITY {
+            match self.fill_iotlb(first, last, access) {
+                Ok(()) => {}
                 // A device-side limit, like a pin's (no fault record).
-                return Err(range_err(TranslateError::TooFragmented.to_string()));
-            }
-            fills += 1;
-            if let Err(e) = self.fill_iotlb(first, access) {
-                self.report_fault(e, first, len, access);
-                return Err(range_err(e.to_string()));
+                Err(e @ TranslateError::TooFragmented) => return Err(range_err(e.to_string())),
+                Err(e) => {
+                    self.report_fault(e, first, len, access);
+                    return Err(range_err(e.to_string()));
+                }
             }
         }
+        Err(range_err(
+            "the translation kept changing under concurrent invalidations".into(),
+        ))
     }
 }
 
@@ -392,6 +417,13 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("fragmented"), "{e}");
+        // Refused in one walk of the domain, before anything was cached
+        // (not after thousands of fills and lookups).
+        let fills = ep
+            .core
+            .iotlb_fills
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(fills, 0);
         // One piece fewer fits.
         let len = usize::try_from((n - 1) << 12).unwrap();
         let total: usize =
