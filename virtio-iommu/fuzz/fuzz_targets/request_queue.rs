@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{Input, Req, World};
+use common::{Input, Req, World, NUM_SLOTS};
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -65,26 +65,17 @@ impl Fuzz {
         }
     }
 
-    /// Sends a well-formed request from a rotating buffer slot.
+    /// Sends a well-formed request from a rotating buffer slot (the
+    /// world's slot layout) and processes the queue; returns its tail.
     fn send(&mut self, req: &[u8]) -> GuestAddress {
-        self.slot = (self.slot + 1) % 64;
-        let r = GuestAddress(BUF_BASE + 0x2_0000 + self.slot * 0x200);
-        let w = GuestAddress(r.0 + 0x100);
-        self.w.mem.write_slice(req, r).unwrap();
-        self.w.mem.write_slice(&[0xee; 4], w).unwrap();
-        self.submit(&[
-            Buf {
-                addr: r,
-                len: req.len() as u32,
-                write: false,
-            },
-            Buf {
-                addr: w,
-                len: 4,
-                write: true,
-            },
-        ]);
-        w
+        self.slot = (self.slot + 1) % NUM_SLOTS;
+        // The descriptor table may be full behind a parked request.
+        if let Some(head) = self.w.post(self.slot, req) {
+            // The chain's writable part is its 4-byte tail.
+            self.writable[usize::from(head)] = 4;
+            self.process();
+        }
+        World::tail(self.slot)
     }
 
     fn step(&mut self, input: &mut Input) -> Option<()> {
