@@ -21,6 +21,16 @@ pub struct Direct {
     off_align: u64,
 }
 
+/// How a transfer goes (see `Direct::path`).
+enum Path {
+    /// Through the page cache: the offset or length is not aligned.
+    PageCache,
+    /// Straight through O_DIRECT.
+    Direct,
+    /// Through an aligned bounce buffer: some guest buffer is not aligned.
+    Bounce,
+}
+
 /// Bytes a bounce buffer carries at a time: bounds what a request can make
 /// the VMM allocate, whatever its length.
 const BOUNCE_CHUNK: usize = 1 << 20;
@@ -53,21 +63,35 @@ impl Direct {
         })
     }
 
-    /// Which descriptor io_uring can run a transfer of `bufs` at `offset`
-    /// on: the O_DIRECT one when everything is aligned, `buffered` when
-    /// the offset or length is not (as `transfer` does); `None` when the
-    /// guest's buffers need a bounce buffer (`transfer` then does it).
-    pub fn fd_for(&self, buffered: &File, bufs: &[HostBuf], offset: u64) -> Option<RawFd> {
+    /// How a transfer of `bufs` at `offset` can be done: O_DIRECT needs
+    /// the offset, the length and every buffer aligned.
+    fn path(&self, bufs: &[HostBuf], offset: u64) -> Path {
         let total: usize = bufs.iter().map(|b| b.len).sum();
         if !offset.is_multiple_of(self.off_align) || !(total as u64).is_multiple_of(self.off_align)
         {
-            return Some(buffered.as_raw_fd());
+            return Path::PageCache;
         }
         let aligned = bufs.iter().all(|b| {
             (b.ptr as usize).is_multiple_of(self.mem_align)
                 && (b.len as u64).is_multiple_of(self.off_align)
         });
-        aligned.then(|| self.file.as_raw_fd())
+        if aligned {
+            Path::Direct
+        } else {
+            Path::Bounce
+        }
+    }
+
+    /// Which descriptor io_uring can run a transfer of `bufs` at `offset`
+    /// on: the O_DIRECT one when everything is aligned, `buffered` when
+    /// the offset or length is not (as `transfer` does); `None` when the
+    /// guest's buffers need a bounce buffer (`transfer` then does it).
+    pub fn fd_for(&self, buffered: &File, bufs: &[HostBuf], offset: u64) -> Option<RawFd> {
+        match self.path(bufs, offset) {
+            Path::PageCache => Some(buffered.as_raw_fd()),
+            Path::Direct => Some(self.file.as_raw_fd()),
+            Path::Bounce => None,
+        }
     }
 
     /// Reads (`write == false`) or writes the whole of `bufs` at `offset`;
@@ -79,20 +103,14 @@ impl Direct {
         offset: u64,
         write: bool,
     ) -> std::io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len).sum();
-        if !offset.is_multiple_of(self.off_align) || !(total as u64).is_multiple_of(self.off_align)
-        {
+        match self.path(bufs, offset) {
             // O_DIRECT cannot do it: through the page cache (coherent with
             // O_DIRECT I/O of the same file).
-            return rw(buffered, bufs, offset, write);
+            Path::PageCache => return rw(buffered, bufs, offset, write),
+            Path::Direct => return rw(&self.file, bufs, offset, write),
+            Path::Bounce => {}
         }
-        let aligned = bufs.iter().all(|b| {
-            (b.ptr as usize).is_multiple_of(self.mem_align)
-                && (b.len as u64).is_multiple_of(self.off_align)
-        });
-        if aligned {
-            return rw(&self.file, bufs, offset, write);
-        }
+        let total: usize = bufs.iter().map(|b| b.len).sum();
         // An aligned bounce buffer, a chunk at a time (the chunk is a
         // multiple of any O_DIRECT alignment).
         let chunk = BOUNCE_CHUNK.min(total);
