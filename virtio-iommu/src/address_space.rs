@@ -581,4 +581,13 @@ impl AddressSpace {
     pub fn attached_domain(&self, id: u32) -> Option<u32> {
         self.endpoints.get(&id).and_then(|e| e.domain)
     }
+
+    /// The mappings of `domain` as `(iova, size)` in IOVA order, or `None`
+    /// for a domain that does not exist. For inspection (a VMM comparing
+    /// an external mapper's state with the domain's); it copies them all.
+    pub fn domain_mappings(&self, domain: u32) -> Option<Vec<(u64, u64)>> {
+        let d = self.domains.get(&domain)?;
+        let tree = read(&d.dom.mappings);
+        Some(tree.iter().map(|m| (m.iova, m.size())).collect())
+    }
 }

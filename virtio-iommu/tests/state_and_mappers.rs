@@ -204,8 +204,14 @@ fn map_and_unmap_are_propagated_to_external_mappers() {
         *mapper.mapped.lock().unwrap(),
         vec![(0x1000, 0x8000, 0x2000)]
     );
+    assert_eq!(
+        h.dev.address_space().domain_mappings(1),
+        Some(vec![(0x1000, 0x2000)])
+    );
     assert_eq!(h.unmap(1, 0, 0xffff), Some(Status::Ok));
     assert!(mapper.mapped.lock().unwrap().is_empty());
+    assert_eq!(h.dev.address_space().domain_mappings(1), Some(vec![]));
+    assert_eq!(h.dev.address_space().domain_mappings(9), None);
 }
 
 #[test]
