@@ -49,6 +49,14 @@ pub struct Args {
     /// the IOMMU revokes it (a backend that never completes).
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
+    /// Host PCI devices passed through with VFIO: path=/sys/bus/pci/
+    /// devices/<BDF>[,iommu=on|off][,id=NAME] (one or more). The device
+    /// must be bound to vfio-pci and alone in a viable IOMMU group. With
+    /// iommu=on it sits behind the virtio-iommu, and the guest's MAP and
+    /// UNMAP requests program its VFIO container; with iommu=off all of
+    /// guest RAM is mapped for it at boot.
+    #[arg(long, value_name = "DEVICE", num_args = 1.., action = clap::ArgAction::Append)]
+    pub device: Vec<String>,
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
     #[arg(long, value_name = "tty|file=PATH|null|off", default_value = "tty")]
     pub serial: String,
@@ -154,6 +162,47 @@ impl Default for DiskConfig {
     }
 }
 
+/// One `--device` value: a host PCI device passed through with VFIO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Its sysfs directory (`/sys/bus/pci/devices/<BDF>`).
+    pub path: PathBuf,
+    /// Behind the virtio-iommu.
+    pub iommu: bool,
+    /// Name in the exit report (default: the host BDF).
+    pub id: Option<String>,
+}
+
+/// Parses one `--device` value.
+pub fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
+    let kv = split_kv("device", s, &["path", "iommu", "id"])?;
+    let mut path = None;
+    let mut iommu = false;
+    let mut id = None;
+    for (k, v) in kv {
+        match k {
+            "path" if v.is_empty() => return Err(invalid("device", "path= is empty")),
+            "path" => path = Some(PathBuf::from(v)),
+            "iommu" => iommu = parse_on_off("device", k, v)?,
+            "id" if v.is_empty() || v.contains(char::is_whitespace) => {
+                return Err(invalid(
+                    "device",
+                    format!("id={v:?}: a name without spaces"),
+                ))
+            }
+            "id" => id = Some(v.to_string()),
+            _ => unreachable!("split_kv checked the key"),
+        }
+    }
+    let path = path.ok_or_else(|| {
+        invalid(
+            "device",
+            format!("{s:?}: path=/sys/bus/pci/devices/<BDF> is required"),
+        )
+    })?;
+    Ok(DeviceConfig { path, iommu, id })
+}
+
 /// Validated VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -166,6 +215,8 @@ pub struct VmConfig {
     /// (`--memory prefault=on`).
     pub mem_prefault: bool,
     pub disks: Vec<DiskConfig>,
+    /// `--device`: passed-through host PCI devices.
+    pub devices: Vec<DeviceConfig>,
     pub serial: SerialMode,
     /// `--iommu` options.
     pub iommu: IommuOptions,
@@ -589,6 +640,16 @@ impl VmConfig {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            devices: args
+                .device
+                .iter()
+                .map(|d| {
+                    parse_device(d).map(|mut d| {
+                        d.iommu |= platform.iommu_segment0;
+                        d
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             serial: parse_serial(&args.serial)?,
             iommu,
             platform,
@@ -620,6 +681,32 @@ mod tests {
 
     fn cfg(extra: &[&str]) -> Result<VmConfig, ConfigError> {
         VmConfig::parse(&args(extra).expect("clap"))
+    }
+
+    #[test]
+    fn device_values() {
+        let d = parse_device("path=/sys/bus/pci/devices/0000:00:10.0,iommu=on,id=nic0").unwrap();
+        assert_eq!(
+            d,
+            DeviceConfig {
+                path: "/sys/bus/pci/devices/0000:00:10.0".into(),
+                iommu: true,
+                id: Some("nic0".into()),
+            }
+        );
+        assert!(!parse_device("path=/x").unwrap().iommu);
+        for bad in [
+            "",
+            "iommu=on",
+            "path=",
+            "path=/x,iommu=maybe",
+            "path=/x,id=",
+            "path=/x,bar=1",
+        ] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+        let c = cfg(&["--device", "path=/x", "--platform", "iommu_segments=[0]"]).unwrap();
+        assert!(c.devices[0].iommu);
     }
 
     #[test]

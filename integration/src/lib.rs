@@ -5,7 +5,7 @@
 //! (MADT, power-off through an ACPI sleep register) and an MP table, a CMOS
 //! RTC and a 16550 serial console on COM1; a PCI bus (ECAM + 0xcf8) with
 //! MSI-X and modern virtio-pci devices: the virtio-iommu and one virtio-blk
-//! per `--disk`.
+//! per `--disk`; host PCI devices passed through with VFIO (`--device`).
 
 pub mod acpi;
 pub mod boot;
@@ -19,6 +19,7 @@ pub mod pci;
 pub mod procfs;
 pub mod rtc;
 pub mod trace;
+pub mod vfio;
 pub mod virtio;
 pub mod vm;
 

@@ -185,6 +185,8 @@ pub struct Vm {
     metrics: Option<Arc<Metrics>>,
     /// Per-disk summaries printed at exit.
     disks: Vec<crate::virtio::block::DiskReport>,
+    /// Per passed-through device summaries printed at exit.
+    passthrough: Vec<crate::vfio::PassthroughReport>,
     _mem: GuestMemoryMmap,
 }
 
@@ -205,8 +207,26 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
     let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
     let mut bus = PciBus::new();
     let dev_err = |what: String| VmError::Device(what);
-    if cfg.disks.len() > usize::from(32 - FIRST_DISK_DEVICE) {
-        return Err(dev_err(format!("too many disks: {}", cfg.disks.len())));
+    if cfg.disks.len() + cfg.devices.len() > usize::from(32 - FIRST_DISK_DEVICE) {
+        return Err(dev_err(format!(
+            "too many PCI devices: {} disks and {} passed-through devices in {} slots",
+            cfg.disks.len(),
+            cfg.devices.len(),
+            32 - FIRST_DISK_DEVICE
+        )));
+    }
+    // Passed-through devices: opened first, so that a wrong path fails
+    // before anything else is built; their containers become the IOMMU
+    // endpoints' mappers.
+    let mut opened = Vec::new();
+    if !cfg.devices.is_empty() {
+        let kvm_vfio = crate::vfio::kvm_vfio_device(vm).map_err(dev_err)?;
+        for (j, d) in cfg.devices.iter().enumerate() {
+            let (container, device, host) =
+                crate::vfio::open(&d.path, &kvm_vfio).map_err(dev_err)?;
+            let guest = Bdf::new(FIRST_DISK_DEVICE + (cfg.disks.len() + j) as u8);
+            opened.push((d, container, device, host, guest));
+        }
     }
     let mut add = |bus: &mut PciBus, bdf: Bdf, dev: Box<dyn VirtioDevice>| {
         let bar = bars
@@ -223,7 +243,10 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
     let mut metrics = None;
     let mut handles: Vec<Option<virtio_iommu::EndpointHandle>> =
         cfg.disks.iter().map(|_| None).collect();
-    if cfg.disks.iter().any(|d| d.iommu) {
+    let mut ledgers: Vec<Option<Arc<crate::vfio::dma::Ledger>>> =
+        opened.iter().map(|_| None).collect();
+    let mut inspector = None;
+    if cfg.disks.iter().any(|d| d.iommu) || cfg.devices.iter().any(|d| d.iommu) {
         if !cfg.iommu.drain {
             log::warn!(
                 "UNSAFE: --iommu drain=off: UNMAP, DETACH and ATTACH reply without waiting \
@@ -252,6 +275,22 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
                 endpoints.push(bdf);
             }
         }
+        for (j, (d, container, _, _, guest)) in opened.iter().enumerate() {
+            if d.iommu {
+                let ledger = Arc::new(crate::vfio::dma::Ledger::default());
+                let mapper = crate::vfio::dma::LedgerMapper::new(
+                    container.clone(),
+                    mem.clone(),
+                    ledger.clone(),
+                );
+                iommu
+                    .add_external_endpoint(u32::from(guest.id()), Arc::new(mapper))
+                    .map_err(dev_err)?;
+                ledgers[j] = Some(ledger);
+                endpoints.push(*guest);
+            }
+        }
+        inspector = Some(iommu.inspector());
         metrics = Some(iommu.metrics());
         let bdf = Bdf::new(IOMMU_DEVICE);
         add(&mut bus, bdf, Box::new(iommu))?;
@@ -267,11 +306,35 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
         disks.push(blk.report());
         add(&mut bus, disk_bdf(i), Box::new(blk))?;
     }
+    let mut passthrough = Vec::new();
+    for ((d, container, device, host, guest), ledger) in opened.into_iter().zip(ledgers) {
+        let name = d.id.clone().unwrap_or_else(|| host.clone());
+        let mut ram_mapped = 0;
+        if ledger.is_none() {
+            ram_mapped = crate::vfio::dma::map_guest_ram(&container, mem)
+                .map_err(|e| dev_err(format!("{name}: {e}")))?;
+        }
+        let f = crate::vfio::pci::VfioPciFunction::new(device, &name, &mut bars, router.clone())
+            .map_err(dev_err)?;
+        bus.add(guest.dev, Arc::new(f));
+        log::info!("{name}: host {host} passed through as {guest}");
+        passthrough.push(crate::vfio::PassthroughReport {
+            name,
+            host,
+            guest,
+            translated: ledger.map(|l| (l, inspector.clone().expect("IOMMU built"))),
+            ram_mapped,
+        });
+        // The container lives as long as the device (the function holds
+        // the device, the device its container).
+        drop(container);
+    }
     Ok(PciSetup {
         bus,
         topology,
         metrics,
         disks,
+        passthrough,
     })
 }
 
@@ -281,6 +344,7 @@ struct PciSetup {
     topology: Option<IommuTopology>,
     metrics: Option<Arc<Metrics>>,
     disks: Vec<crate::virtio::block::DiskReport>,
+    passthrough: Vec<crate::vfio::PassthroughReport>,
 }
 
 fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, VmError> {
@@ -344,6 +408,7 @@ impl Vm {
             topology,
             metrics,
             disks,
+            passthrough,
         } = build_pci(cfg, &vm, &mem)?;
         let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START, topology.as_ref());
         mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
@@ -396,6 +461,7 @@ impl Vm {
             pci: Arc::new(pci),
             metrics,
             disks,
+            passthrough,
             _mem: mem,
         })
     }
@@ -412,6 +478,7 @@ impl Vm {
             pci,
             metrics,
             disks,
+            passthrough,
             _mem,
         } = self;
         let (tx, rx) = mpsc::channel::<VmExit>();
@@ -513,6 +580,9 @@ impl Vm {
         }
         for d in &disks {
             eprintln!("{d}");
+        }
+        for p in &passthrough {
+            eprintln!("{p}");
         }
         // Other vCPUs may still be inside KVM_RUN: never unmap guest memory
         // or close the VM under them; the process exits next.

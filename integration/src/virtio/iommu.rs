@@ -68,6 +68,21 @@ struct Inner {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
 }
 
+/// Read access to the device's domains (exit reports).
+#[derive(Clone)]
+pub struct IommuInspector(Arc<Mutex<Inner>>);
+
+impl IommuInspector {
+    /// The domain endpoint `id` is attached to and that domain's mappings
+    /// as `(iova, size)`; `None` while it is not attached.
+    pub fn endpoint_domain(&self, id: u32) -> Option<(u32, Vec<(u64, u64)>)> {
+        let inner = lock(&self.0);
+        let space = inner.dev.address_space();
+        let dom = space.attached_domain(id)?;
+        Some((dom, space.domain_mappings(dom).unwrap_or_default()))
+    }
+}
+
 /// After the crate has worked on queue `index`: interrupts the driver if
 /// used entries were added and the ring asks for it. Returns whether used
 /// entries were added.
@@ -185,6 +200,31 @@ impl Iommu {
             .dev
             .add_endpoint(id)
             .map_err(|e| format!("endpoint {id:#x}: {e}"))
+    }
+
+    /// Registers endpoint `id` whose DMA is translated by someone else
+    /// (a VFIO container): the domain's mappings are propagated to
+    /// `mapper` before each reply.
+    pub fn add_external_endpoint(
+        &mut self,
+        id: u32,
+        mapper: Arc<dyn virtio_iommu::ExternalMapper>,
+    ) -> Result<EndpointHandle, String> {
+        lock(&self.inner)
+            .dev
+            .add_endpoint_with(
+                id,
+                virtio_iommu::EndpointOptions {
+                    mapper: Some(mapper),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| format!("endpoint {id:#x}: {e}"))
+    }
+
+    /// A view of the device's domains for exit reports.
+    pub fn inspector(&self) -> IommuInspector {
+        IommuInspector(self.inner.clone())
     }
 
     /// Whether a quiet request queue is polled at idle priority (default

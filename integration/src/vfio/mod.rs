@@ -1,0 +1,215 @@
+//! VFIO device passthrough (`--device path=/sys/bus/pci/devices/<BDF>`).
+//!
+//! A host PCI device bound to vfio-pci becomes a PCI function of the guest
+//! ([`pci::VfioPciFunction`]), with a VFIO container of its own. Its DMA
+//! goes through the host IOMMU, programmed through that container
+//! ([`dma`]):
+//! - `iommu=on`: the device is an endpoint of the virtio-iommu (a VIOT
+//!   entry; an IOMMU group in the guest). The container holds exactly the
+//!   mappings of the domain the endpoint is attached to, none while it is
+//!   detached: the crate propagates MAP before it replies (a container
+//!   failure rolls the MAP back, `S_DEVERR`) and replies to UNMAP, DETACH
+//!   and a moving ATTACH only after the container's `UNMAP_DMA` returned,
+//!   which is the host kernel's promise that the device can no longer
+//!   reach the range. A bypass domain is refused for it (`S_UNSUPP`): that
+//!   would need all of RAM in the container.
+//! - `iommu=off`: all of guest RAM is mapped at its guest-physical
+//!   addresses at boot, as Cloud Hypervisor does.
+//!
+//! Interrupts are MSI-X only; INTx and I/O BARs are not passed through.
+
+pub mod dma;
+pub mod pci;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
+
+/// The KVM VFIO device as vfio-ioctls shares it between containers.
+pub type KvmVfioDevice = Arc<VfioDeviceFd>;
+
+/// The KVM VFIO pseudo-device of a VM (one per VM; KVM refuses a second):
+/// KVM learns which groups the VM uses (for DMA coherency on hosts whose
+/// IOMMU does not enforce snooping).
+pub fn kvm_vfio_device(vm: &VmFd) -> Result<KvmVfioDevice, String> {
+    let mut d = kvm_bindings::kvm_create_device {
+        type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let fd = vm.create_device(&mut d).map_err(|e| {
+        format!("KVM_CREATE_DEVICE(VFIO): {e} (is the host kernel's kvm built with VFIO support?)")
+    })?;
+    Ok(Arc::new(VfioDeviceFd::new_from_kvm(fd)))
+}
+
+/// Checks that `path` is a PCI device bound to vfio-pci and in an IOMMU
+/// group; returns its host address (`0000:00:10.0`) and group number.
+pub fn check_bound(path: &Path) -> Result<(String, u32), String> {
+    let p = path.display();
+    if !path.join("config").exists() {
+        return Err(format!(
+            "{p}: not a PCI device (expected /sys/bus/pci/devices/<segment:bus:device.function>)"
+        ));
+    }
+    let bdf = path
+        .canonicalize()
+        .ok()
+        .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .ok_or_else(|| format!("{p}: cannot resolve the device's address"))?;
+    let rebind = format!(
+        "bind it to vfio-pci first: echo vfio-pci >{p}/driver_override; \
+         echo {bdf} >{p}/driver/unbind; echo {bdf} >/sys/bus/pci/drivers_probe"
+    );
+    match std::fs::read_link(path.join("driver")) {
+        Ok(d) if d.file_name().is_some_and(|n| n == "vfio-pci") => {}
+        Ok(d) => {
+            let drv = d.file_name().map(|n| n.to_string_lossy().into_owned());
+            return Err(format!(
+                "{p}: bound to {}, not vfio-pci; {rebind}",
+                drv.unwrap_or_default()
+            ));
+        }
+        Err(_) => return Err(format!("{p}: bound to no driver; {rebind}")),
+    }
+    let group = std::fs::read_link(path.join("iommu_group"))
+        .ok()
+        .and_then(|g| g.file_name()?.to_str()?.parse::<u32>().ok())
+        .ok_or_else(|| {
+            format!(
+                "{p}: in no IOMMU group: the host runs without an IOMMU \
+                 (boot it with intel_iommu=on or amd_iommu=on)"
+            )
+        })?;
+    Ok((bdf, group))
+}
+
+/// Opens the device at `path` in a new container of its own.
+pub fn open(
+    path: &Path,
+    kvm_vfio: &KvmVfioDevice,
+) -> Result<(Arc<VfioContainer>, Arc<VfioDevice>, String), String> {
+    let (bdf, group) = check_bound(path)?;
+    let p = path.display();
+    let container = Arc::new(
+        VfioContainer::new(Some(kvm_vfio.clone()))
+            .map_err(|e| format!("{p}: {e} (is the vfio module loaded? modprobe vfio-pci)"))?,
+    );
+    let device = VfioDevice::new(path, container.clone(), false).map_err(|e| {
+        use vfio_ioctls::VfioError as E;
+        let hint = match &e {
+            E::GroupViable => format!(
+                "every device in /sys/kernel/iommu_groups/{group}/devices must be bound to \
+                 vfio-pci or to no driver"
+            ),
+            E::OpenGroup(io, _) if io.raw_os_error() == Some(libc::EBUSY) => {
+                "the group is in use (another VMM or VFIO user holds it)".into()
+            }
+            E::OpenGroup(..) => format!("cannot open /dev/vfio/{group}"),
+            _ => "see the kernel log (dmesg)".into(),
+        };
+        format!("{p}: {e}: {hint}")
+    })?;
+    Ok((container, Arc::new(device), bdf))
+}
+
+/// A passed-through device's summary, printed at exit (`vfio NAME: ...`).
+pub struct PassthroughReport {
+    /// `id=` or the host address.
+    pub name: String,
+    /// Host PCI address.
+    pub host: String,
+    /// Address in the guest.
+    pub guest: crate::pci::Bdf,
+    /// `iommu=on`: the container's ledger and the IOMMU to compare it with.
+    pub translated: Option<(Arc<dma::Ledger>, crate::virtio::iommu::IommuInspector)>,
+    /// `iommu=off`: bytes of RAM mapped at boot.
+    pub ram_mapped: u64,
+}
+
+impl std::fmt::Display for PassthroughReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        write!(
+            f,
+            "vfio {}: host={} guest={}",
+            self.name, self.host, self.guest
+        )?;
+        let Some((ledger, iommu)) = &self.translated else {
+            return write!(f, " iommu=off ram_mapped_mib={}", self.ram_mapped >> 20);
+        };
+        let container = ledger.mappings();
+        let (domain, domain_maps) = match iommu.endpoint_domain(u32::from(self.guest.id())) {
+            Some((d, m)) => (d.to_string(), m),
+            None => ("none".to_string(), Vec::new()),
+        };
+        let bytes = |v: &[(u64, u64)]| v.iter().map(|m| m.1).sum::<u64>();
+        write!(
+            f,
+            concat!(
+                " iommu=on maps={} unmaps={} map_errors={} unmap_errors={}",
+                " container_mappings={} container_kib={} domain={} domain_mappings={}",
+                " container_matches_domain={}"
+            ),
+            ledger.maps.load(Relaxed),
+            ledger.unmaps.load(Relaxed),
+            ledger.map_errors.load(Relaxed),
+            ledger.unmap_errors.load(Relaxed),
+            container.len(),
+            bytes(&container) >> 10,
+            domain,
+            domain_maps.len(),
+            if container == domain_maps {
+                "yes"
+            } else {
+                "no"
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A fake sysfs device directory.
+    fn fake(driver: Option<&str>, group: Option<&str>) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!(
+            "vfio-check-{}-{}-{}",
+            std::process::id(),
+            driver.unwrap_or("none"),
+            group.unwrap_or("none")
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let dev = root.join("0000:00:10.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("config"), [0u8; 64]).unwrap();
+        if let Some(d) = driver {
+            symlink(format!("../drivers/{d}"), dev.join("driver")).unwrap();
+        }
+        if let Some(g) = group {
+            symlink(format!("../groups/{g}"), dev.join("iommu_group")).unwrap();
+        }
+        dev
+    }
+
+    #[test]
+    fn binding_checks_say_what_to_do() {
+        let ok = fake(Some("vfio-pci"), Some("7"));
+        assert_eq!(check_bound(&ok).unwrap(), ("0000:00:10.0".into(), 7));
+        let e = check_bound(&fake(Some("virtio-pci"), Some("7"))).unwrap_err();
+        assert!(
+            e.contains("bound to virtio-pci") && e.contains("driver_override"),
+            "{e}"
+        );
+        let e = check_bound(&fake(None, Some("7"))).unwrap_err();
+        assert!(e.contains("no driver"), "{e}");
+        let e = check_bound(&fake(Some("vfio-pci"), None)).unwrap_err();
+        assert!(e.contains("intel_iommu=on"), "{e}");
+        let e = check_bound(Path::new("/nonexistent/0000:00:01.0")).unwrap_err();
+        assert!(e.contains("not a PCI device"), "{e}");
+    }
+}
