@@ -54,7 +54,8 @@ pub struct Args {
     /// must be bound to vfio-pci and alone in a viable IOMMU group. With
     /// iommu=on it sits behind the virtio-iommu, and the guest's MAP and
     /// UNMAP requests program its VFIO container; with iommu=off all of
-    /// guest RAM is mapped for it at boot.
+    /// guest RAM is mapped for it at boot. Test control, UNSAFE:
+    /// _skip_container_unmap=on acknowledges UNMAPs without unmapping.
     #[arg(long, value_name = "DEVICE", num_args = 1.., action = clap::ArgAction::Append)]
     pub device: Vec<String>,
     /// Serial port (COM1, 0x3f8, IRQ 4): tty|file=PATH|null|off.
@@ -171,14 +172,24 @@ pub struct DeviceConfig {
     pub iommu: bool,
     /// Name in the exit report (default: the host BDF).
     pub id: Option<String>,
+    /// UNSAFE test control (`_skip_container_unmap=on`): the guest's
+    /// UNMAPs are acknowledged but never reach the VFIO container, so the
+    /// device keeps reaching memory the guest took back. Exists only so a
+    /// guest test can show that it detects exactly that.
+    pub skip_container_unmap: bool,
 }
 
 /// Parses one `--device` value.
 pub fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
-    let kv = split_kv("device", s, &["path", "iommu", "id"])?;
+    let kv = split_kv(
+        "device",
+        s,
+        &["path", "iommu", "id", "_skip_container_unmap"],
+    )?;
     let mut path = None;
     let mut iommu = false;
     let mut id = None;
+    let mut skip_container_unmap = false;
     for (k, v) in kv {
         match k {
             "path" if v.is_empty() => return Err(invalid("device", "path= is empty")),
@@ -191,6 +202,7 @@ pub fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
                 ))
             }
             "id" => id = Some(v.to_string()),
+            "_skip_container_unmap" => skip_container_unmap = parse_on_off("device", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
     }
@@ -200,7 +212,12 @@ pub fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
             format!("{s:?}: path=/sys/bus/pci/devices/<BDF> is required"),
         )
     })?;
-    Ok(DeviceConfig { path, iommu, id })
+    Ok(DeviceConfig {
+        path,
+        iommu,
+        id,
+        skip_container_unmap,
+    })
 }
 
 /// Validated VM configuration.
@@ -692,9 +709,15 @@ mod tests {
                 path: "/sys/bus/pci/devices/0000:00:10.0".into(),
                 iommu: true,
                 id: Some("nic0".into()),
+                skip_container_unmap: false,
             }
         );
         assert!(!parse_device("path=/x").unwrap().iommu);
+        assert!(
+            parse_device("path=/x,_skip_container_unmap=on")
+                .unwrap()
+                .skip_container_unmap
+        );
         for bad in [
             "",
             "iommu=on",

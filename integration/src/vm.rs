@@ -278,10 +278,20 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
         for (j, (d, container, _, _, guest)) in opened.iter().enumerate() {
             if d.iommu {
                 let ledger = Arc::new(crate::vfio::dma::Ledger::default());
+                if d.skip_container_unmap {
+                    log::warn!(
+                        "UNSAFE: --device {}: _skip_container_unmap=on: UNMAPs never reach \
+                         the VFIO container; the device keeps reaching memory the guest \
+                         took back (a control mode for tests only)",
+                        d.path.display()
+                    );
+                    eprintln!("vmm: WARNING: --device _skip_container_unmap=on is unsafe");
+                }
                 let mapper = crate::vfio::dma::LedgerMapper::new(
                     container.clone(),
                     mem.clone(),
                     ledger.clone(),
+                    d.skip_container_unmap,
                 );
                 iommu
                     .add_external_endpoint(u32::from(guest.id()), Arc::new(mapper))
@@ -324,6 +334,9 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             guest,
             translated: ledger.map(|l| (l, inspector.clone().expect("IOMMU built"))),
             ram_mapped,
+            checks: 0,
+            mismatches: 0,
+            max_checked_mappings: 0,
         });
         // The container lives as long as the device (the function holds
         // the device, the device its container).
@@ -478,7 +491,7 @@ impl Vm {
             pci,
             metrics,
             disks,
-            passthrough,
+            mut passthrough,
             _mem,
         } = self;
         let (tx, rx) = mpsc::channel::<VmExit>();
@@ -520,6 +533,7 @@ impl Vm {
         // which the in-kernel irqchip never reports. Kick the vCPUs now and
         // then; each one records whether it sat halted with interrupts off.
         let mut quiet_ticks = 0;
+        let mut tick = 0u64;
         let (mut stall_ticks, mut stall_reports) = (0u32, 0u32);
         let exit = loop {
             match rx.recv_timeout(HALT_CHECK_INTERVAL) {
@@ -546,6 +560,14 @@ impl Vm {
             }
             for (id, w) in watches.iter().enumerate() {
                 w.check(id);
+            }
+            // Once a second: does each VFIO container still mirror its
+            // endpoint's domain? (Counted in the exit report.)
+            tick += 1;
+            if tick.is_multiple_of(5) {
+                for p in &mut passthrough {
+                    p.check();
+                }
             }
             // A device reported a stall: the vCPUs record their registers at
             // the next kicks; say where they are a few times.

@@ -38,6 +38,9 @@ pub struct Ledger {
     pub map_errors: AtomicU64,
     /// Unmaps the container refused.
     pub unmap_errors: AtomicU64,
+    /// Unmaps acknowledged without reaching the container (the unsafe
+    /// `_skip_container_unmap=on` control).
+    pub unmaps_skipped: AtomicU64,
 }
 
 impl Ledger {
@@ -73,14 +76,23 @@ impl Ledger {
 pub struct LedgerMapper {
     inner: VfioMapper<Arc<GuestMemoryMmap>>,
     ledger: Arc<Ledger>,
+    skip_unmap: bool,
 }
 
 impl LedgerMapper {
-    /// A mapper over `container` resolving GPAs in `mem`.
-    pub fn new(container: Arc<VfioContainer>, mem: GuestMemoryMmap, ledger: Arc<Ledger>) -> Self {
+    /// A mapper over `container` resolving GPAs in `mem`. `skip_unmap`
+    /// is the unsafe test control that never unmaps (see
+    /// [`crate::cli::DeviceConfig::skip_container_unmap`]).
+    pub fn new(
+        container: Arc<VfioContainer>,
+        mem: GuestMemoryMmap,
+        ledger: Arc<Ledger>,
+        skip_unmap: bool,
+    ) -> Self {
         LedgerMapper {
             inner: VfioMapper::new(container, Arc::new(mem)),
             ledger,
+            skip_unmap,
         }
     }
 }
@@ -93,6 +105,17 @@ impl std::fmt::Debug for LedgerMapper {
 
 impl ExternalMapper for LedgerMapper {
     fn map(&self, iova: u64, gpa: u64, size: u64, flags: MapFlags) -> io::Result<()> {
+        if self.skip_unmap {
+            // The control keeps stale mappings until their IOVA is reused
+            // (then the container would refuse the new MAP, and the guest
+            // kernel is not built for MAP failing on a free IOVA).
+            let end = iova.saturating_add(size);
+            for (a, s) in self.ledger.mappings() {
+                if a < end && iova < a.saturating_add(s) && self.inner.unmap(a, s).is_ok() {
+                    self.ledger.record_unmap(a, s);
+                }
+            }
+        }
         let r = self.inner.map(iova, gpa, size, flags);
         match &r {
             Ok(()) => self.ledger.record_map(iova, size),
@@ -105,6 +128,10 @@ impl ExternalMapper for LedgerMapper {
     }
 
     fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
+        if self.skip_unmap {
+            self.ledger.unmaps_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let r = self.inner.unmap(iova, size);
         match &r {
             Ok(()) => self.ledger.record_unmap(iova, size),

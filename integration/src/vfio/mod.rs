@@ -127,6 +127,36 @@ pub struct PassthroughReport {
     pub translated: Option<(Arc<dma::Ledger>, crate::virtio::iommu::IommuInspector)>,
     /// `iommu=off`: bytes of RAM mapped at boot.
     pub ram_mapped: u64,
+    /// Comparisons of the container with the domain made while the guest
+    /// ran ([`PassthroughReport::check`]).
+    pub checks: u64,
+    /// Those that found a difference.
+    pub mismatches: u64,
+    /// The most domain mappings a comparison covered.
+    pub max_checked_mappings: usize,
+}
+
+impl PassthroughReport {
+    /// Compares the container's mappings with the domain's now (`iommu=on`
+    /// only), with no request running in between; counts a mismatch.
+    pub fn check(&mut self) {
+        let Some((same, n)) = self.compare() else {
+            return;
+        };
+        self.checks += 1;
+        self.mismatches += u64::from(!same);
+        self.max_checked_mappings = self.max_checked_mappings.max(n);
+    }
+
+    /// Whether the container holds exactly the domain's mappings, and how
+    /// many the domain has; `None` for an `iommu=off` device.
+    fn compare(&self) -> Option<(bool, usize)> {
+        let (ledger, iommu) = self.translated.as_ref()?;
+        Some(iommu.with_endpoint_domain(u32::from(self.guest.id()), |d| {
+            let dom = d.map(|(_, m)| m).unwrap_or_default();
+            (ledger.mappings() == dom, dom.len())
+        }))
+    }
 }
 
 impl std::fmt::Display for PassthroughReport {
@@ -140,23 +170,27 @@ impl std::fmt::Display for PassthroughReport {
         let Some((ledger, iommu)) = &self.translated else {
             return write!(f, " iommu=off ram_mapped_mib={}", self.ram_mapped >> 20);
         };
-        let container = ledger.mappings();
-        let (domain, domain_maps) = match iommu.endpoint_domain(u32::from(self.guest.id())) {
-            Some((d, m)) => (d.to_string(), m),
-            None => ("none".to_string(), Vec::new()),
-        };
+        let (container, domain, domain_maps) =
+            iommu.with_endpoint_domain(u32::from(self.guest.id()), |d| {
+                let (dom, maps) = match d {
+                    Some((d, m)) => (d.to_string(), m),
+                    None => ("none".to_string(), Vec::new()),
+                };
+                (ledger.mappings(), dom, maps)
+            });
         let bytes = |v: &[(u64, u64)]| v.iter().map(|m| m.1).sum::<u64>();
         write!(
             f,
             concat!(
-                " iommu=on maps={} unmaps={} map_errors={} unmap_errors={}",
+                " iommu=on maps={} unmaps={} map_errors={} unmap_errors={} unmaps_skipped={}",
                 " container_mappings={} container_kib={} domain={} domain_mappings={}",
-                " container_matches_domain={}"
+                " container_matches_domain={} checks={} mismatches={} max_checked_mappings={}"
             ),
             ledger.maps.load(Relaxed),
             ledger.unmaps.load(Relaxed),
             ledger.map_errors.load(Relaxed),
             ledger.unmap_errors.load(Relaxed),
+            ledger.unmaps_skipped.load(Relaxed),
             container.len(),
             bytes(&container) >> 10,
             domain,
@@ -165,7 +199,10 @@ impl std::fmt::Display for PassthroughReport {
                 "yes"
             } else {
                 "no"
-            }
+            },
+            self.checks,
+            self.mismatches,
+            self.max_checked_mappings
         )
     }
 }

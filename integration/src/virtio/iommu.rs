@@ -73,13 +73,21 @@ struct Inner {
 pub struct IommuInspector(Arc<Mutex<Inner>>);
 
 impl IommuInspector {
-    /// The domain endpoint `id` is attached to and that domain's mappings
-    /// as `(iova, size)`; `None` while it is not attached.
-    pub fn endpoint_domain(&self, id: u32) -> Option<(u32, Vec<(u64, u64)>)> {
+    /// Calls `f` with the domain endpoint `id` is attached to and that
+    /// domain's mappings as `(iova, size)` (`None` while it is not
+    /// attached). No request runs meanwhile, so `f` also sees every
+    /// external mapper in the state that matches this domain.
+    pub fn with_endpoint_domain<R>(
+        &self,
+        id: u32,
+        f: impl FnOnce(Option<(u32, Vec<(u64, u64)>)>) -> R,
+    ) -> R {
         let inner = lock(&self.0);
         let space = inner.dev.address_space();
-        let dom = space.attached_domain(id)?;
-        Some((dom, space.domain_mappings(dom).unwrap_or_default()))
+        let d = space
+            .attached_domain(id)
+            .map(|dom| (dom, space.domain_mappings(dom).unwrap_or_default()));
+        f(d)
     }
 }
 
