@@ -6,6 +6,7 @@
 //! Every scenario ends with one line
 //! `AGENT-RESULT scenario=<name> status=pass|fail [key=value...]`.
 
+mod blocked;
 mod disks;
 mod faults;
 mod perf;
@@ -108,6 +109,7 @@ fn main() {
         "integrity" => scenarios::integrity(&params),
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
+        "unmap-blocked" => blocked::unmap_blocked(&params),
         "faults" => faults::faults(&params),
         "soak" => soak::soak(&params),
         "perf" => perf::perf(&params),

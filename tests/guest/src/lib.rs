@@ -193,7 +193,8 @@ pub struct DiskSpec {
     /// the outer QEMU to this many bytes per second.
     pub throttle_bps: Option<u64>,
     /// Extra `key=value` options appended to the VMM's `--disk` value
-    /// (e.g. the reference VMM's fault injection `delay_us=50000`).
+    /// (e.g. the reference VMM's fault injection `delay_us=50000`), or to
+    /// its `--device` value for a passed-through disk.
     pub vmm_opts: Option<String>,
     /// Nested route only: the disk is not one of the VMM's virtio-blk
     /// devices but a PCI device of L1 passed through to L2 with VFIO
@@ -751,11 +752,16 @@ impl Bed {
                         ),
                     ]);
                     script.push_str(&passthrough_bind_script(&bdf));
-                    device_args.push(format!(
+                    let mut arg = format!(
                         "path=/sys/bus/pci/devices/{bdf},iommu={},id={}",
                         if d.iommu { "on" } else { "off" },
                         d.id
-                    ));
+                    );
+                    if let Some(o) = &d.vmm_opts {
+                        arg.push(',');
+                        arg.push_str(o);
+                    }
+                    device_args.push(arg);
                     continue;
                 }
                 if let Some(bps) = d.throttle_bps {
