@@ -729,7 +729,13 @@ impl Bed {
                 // The emulated IOMMU must come before the devices it
                 // translates. No interrupt remapping: L1's vfio_iommu_type1
                 // is loaded with allow_unsafe_interrupts=1 (ci/guest-image).
-                qemu_extra.extend(["-device".to_string(), "intel-iommu,intremap=off".into()]);
+                // 48-bit IOVAs (QEMU's default is 39): Cloud Hypervisor
+                // maps passed-through BARs into the containers at the top
+                // of its 46-bit physical address space.
+                qemu_extra.extend([
+                    "-device".to_string(),
+                    "intel-iommu,intremap=off,aw-bits=48".into(),
+                ]);
                 l1_cmdline.push("intel_iommu=on");
             }
             let mut passthrough_slot = 0u8;
