@@ -25,9 +25,10 @@ pub use vfio::VfioMapper;
 mod vfio {
     //! A VFIO container as an external mapper.
     //!
-    //! Only real hardware (a device bound to vfio-pci in the host) can run
-    //! this code; it is compiled in CI but exercised only by a VMM that
-    //! assigns a physical device.
+    //! It needs a device bound to vfio-pci in the host. The reference
+    //! VMM's `--device ...,iommu=on` uses it, and the guest test bed runs
+    //! that against a PCI device of its L1 guest behind QEMU's emulated
+    //! Intel IOMMU (`tests/guest/tests/passthrough.rs` in the repository).
 
     use std::io;
     use std::sync::Arc;
