@@ -317,6 +317,8 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
         add(&mut bus, disk_bdf(i), Box::new(blk))?;
     }
     let mut passthrough = Vec::new();
+    // Slots after guest RAM's (one per RAM region, from 0).
+    let slots = crate::vfio::bar_map::SlotAllocator::new(mem.num_regions() as u32);
     for ((d, container, device, host, guest), ledger) in opened.into_iter().zip(ledgers) {
         let name = d.id.clone().unwrap_or_else(|| host.clone());
         let mut ram_mapped = 0;
@@ -324,8 +326,15 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             ram_mapped = crate::vfio::dma::map_guest_ram(&container, mem)
                 .map_err(|e| dev_err(format!("{name}: {e}")))?;
         }
-        let f = crate::vfio::pci::VfioPciFunction::new(device, &name, &mut bars, router.clone())
-            .map_err(dev_err)?;
+        let f = crate::vfio::pci::VfioPciFunction::new(
+            device,
+            &name,
+            &mut bars,
+            router.clone(),
+            Some((vm.clone(), &slots)),
+        )
+        .map_err(dev_err)?;
+        let mmapped_areas = f.mmapped_areas();
         bus.add(guest.dev, Arc::new(f));
         log::info!("{name}: host {host} passed through as {guest}");
         passthrough.push(crate::vfio::PassthroughReport {
@@ -334,6 +343,7 @@ fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
             guest,
             translated: ledger.map(|l| (l, inspector.clone().expect("IOMMU built"))),
             ram_mapped,
+            mmapped_areas,
             checks: 0,
             mismatches: 0,
             max_checked_mappings: 0,

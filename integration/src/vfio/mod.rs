@@ -18,6 +18,7 @@
 //!
 //! Interrupts are MSI-X only; INTx and I/O BARs are not passed through.
 
+pub mod bar_map;
 pub mod dma;
 pub mod pci;
 
@@ -127,6 +128,8 @@ pub struct PassthroughReport {
     pub translated: Option<(Arc<dma::Ledger>, crate::virtio::iommu::IommuInspector)>,
     /// `iommu=off`: bytes of RAM mapped at boot.
     pub ram_mapped: u64,
+    /// BAR areas mapped into the guest (the rest of the BARs trap).
+    pub mmapped_areas: usize,
     /// Comparisons of the container with the domain made while the guest
     /// ran ([`PassthroughReport::check`]).
     pub checks: u64,
@@ -164,8 +167,8 @@ impl std::fmt::Display for PassthroughReport {
         use std::sync::atomic::Ordering::Relaxed;
         write!(
             f,
-            "vfio {}: host={} guest={}",
-            self.name, self.host, self.guest
+            "vfio {}: host={} guest={} bar_areas_mmapped={}",
+            self.name, self.host, self.guest, self.mmapped_areas
         )?;
         let Some((ledger, iommu)) = &self.translated else {
             return write!(f, " iommu=off ram_mapped_mib={}", self.ram_mapped >> 20);

@@ -10,15 +10,19 @@
 //!   `VFIO_DEVICE_SET_IRQS`, each vector signalling the eventfd that KVM
 //!   turns into the MSI the guest wrote into the vector's table entry.
 //!
-//! BAR accesses trap to the VMM and reach the device by pread/pwrite on its
-//! VFIO region, except the MSI-X table and PBA, which the VMM emulates (the
-//! routes follow the table). Invariant: nothing the guest writes reaches the
+//! BARs that VFIO lets the VMM mmap are mapped into the guest
+//! ([`super::bar_map`]); other BAR accesses trap to the VMM and reach the
+//! device by pread/pwrite on its VFIO region, except the MSI-X table and
+//! PBA, which the VMM emulates (the routes follow the table). Invariant: nothing the guest writes reaches the
 //! host's BAR registers, ROM or MSI-X control, and every interrupt the
 //! device raises arrives as the message the guest programmed, or not at all.
 
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::VmFd;
 use vfio_ioctls::VfioDevice;
+
+use super::bar_map::{BarMaps, SlotAllocator};
 
 use crate::pci::msix::{GsiRouter, Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK, PCI_CAP_ID_MSIX};
 use crate::pci::{regs, BarAllocator, ConfigSpace, PciFunction, NUM_BARS};
@@ -74,6 +78,8 @@ fn within(bar: usize, off: u64, len: usize, want: usize, start: u64, size: u64) 
 struct State {
     /// The registers the VMM owns: BARs, command (for decode), line.
     shadow: ConfigSpace,
+    /// BAR areas mapped into the guest; their slots follow `shadow`.
+    maps: BarMaps,
     /// MSI-X table, PBA and vector routes.
     msix: Option<Msix>,
     /// Message control bits the guest set (enable, function mask).
@@ -84,23 +90,28 @@ struct State {
 
 /// A vfio-pci device as a guest PCI function.
 pub struct VfioPciFunction {
+    /// Dropped before `device`: its BAR mmaps keep the device busy, and
+    /// VFIO cannot release the group while they exist.
+    state: Mutex<State>,
     device: Arc<VfioDevice>,
     name: String,
     /// The prefetchable bit of each BAR's low dword (the shadow has none).
     prefetch: [u32; NUM_BARS],
     msix_layout: Option<MsixLayout>,
-    state: Mutex<State>,
 }
 
 impl VfioPciFunction {
     /// Describes `device` to the guest: its memory BARs get addresses from
-    /// `bars`, its MSI-X vectors GSIs from `router`. I/O BARs and INTx are
-    /// not passed through (logged).
+    /// `bars`, its MSI-X vectors GSIs from `router`. With `vm`, BARs that
+    /// VFIO lets the VMM mmap (and that hold no MSI-X structure) are mapped
+    /// into the guest through KVM slots from `slots`; the others trap.
+    /// I/O BARs and INTx are not passed through (logged).
     pub fn new(
         device: Arc<VfioDevice>,
         name: &str,
         bars: &mut BarAllocator,
         router: Arc<GsiRouter>,
+        vm: Option<(Arc<VmFd>, &SlotAllocator)>,
     ) -> Result<Self, String> {
         let read32 = |off: u64| {
             let mut b = [0xffu8; 4];
@@ -147,6 +158,16 @@ impl VfioPciFunction {
             i += step;
         }
         let msix_layout = find_msix(&read32, name)?;
+        let maps = match vm {
+            Some((vm, slots)) => {
+                let direct: Vec<usize> = (0..NUM_BARS)
+                    .filter(|&i| shadow.bar(i).is_some())
+                    .filter(|&i| msix_layout.is_none_or(|l| i != l.table_bar && i != l.pba_bar))
+                    .collect();
+                BarMaps::new(&device, &direct, vm, slots)
+            }
+            None => BarMaps::none(),
+        };
         let msix = match &msix_layout {
             Some(l) => {
                 let vectors = (l.table_len / 16) as u16;
@@ -164,11 +185,17 @@ impl VfioPciFunction {
             msix_layout,
             state: Mutex::new(State {
                 shadow,
+                maps,
                 msix,
                 msix_control: 0,
                 vfio_msix: false,
             }),
         })
+    }
+
+    /// Number of BAR areas mapped into the guest (the rest trap).
+    pub fn mmapped_areas(&self) -> usize {
+        lock(&self.state).maps.len()
     }
 
     fn device_read32(&self, reg: usize) -> u32 {
@@ -272,7 +299,10 @@ impl PciFunction for VfioPciFunction {
         let off = (reg * 4 + offset) as u64;
         match reg {
             r if (regs::BAR0 / 4..regs::BAR0 / 4 + NUM_BARS).contains(&r) => {
-                lock(&self.state).shadow.write(r, offset, data);
+                let mut st = lock(&self.state);
+                st.shadow.write(r, offset, data);
+                let decoded = st.shadow.mapped_bars();
+                st.maps.update(&decoded);
             }
             ROM_REG => {}
             INTERRUPT_REG => lock(&self.state).shadow.write(reg, offset, data),
@@ -280,7 +310,10 @@ impl PciFunction for VfioPciFunction {
                 // Memory decode and bus mastering are the device's; the
                 // shadow follows decode so the bus maps the BARs.
                 self.device.region_write(CONFIG_REGION, data, off);
-                lock(&self.state).shadow.write(reg, offset, data);
+                let mut st = lock(&self.state);
+                st.shadow.write(reg, offset, data);
+                let decoded = st.shadow.mapped_bars();
+                st.maps.update(&decoded);
             }
             _ => match self.msix_layout {
                 Some(l) if reg == l.cap / 4 => {

@@ -65,6 +65,17 @@ fn passthrough_probe() {
     let ids = |k: &str| r.fields.get(k).cloned().unwrap_or_default();
     assert_eq!(ids("ids_on"), "d0,p0", "{}", r.line);
     assert_eq!(ids("ids_off"), "p1", "{}", r.line);
+    if std::env::var_os(VMM_ENV).is_none() {
+        // QEMU's virtio-blk-pci has its virtio registers in a BAR of their
+        // own, which VFIO lets the VMM map into the guest.
+        for id in ["p0", "p1"] {
+            let f = vfio_report(&out, id);
+            assert!(
+                num(&f, "bar_areas_mmapped") >= 1,
+                "{id}: no BAR mapped: {f:?}"
+            );
+        }
+    }
 }
 
 /// The VMM's exit report line of passed-through device `id`, as fields.
