@@ -60,20 +60,24 @@ pub fn check_bound(path: &Path) -> Result<(String, u32), String> {
         .ok()
         .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
         .ok_or_else(|| format!("{p}: cannot resolve the device's address"))?;
-    let rebind = format!(
-        "bind it to vfio-pci first: echo vfio-pci >{p}/driver_override; \
-         echo {bdf} >{p}/driver/unbind; echo {bdf} >/sys/bus/pci/drivers_probe"
-    );
+    let bind = |unbind: &str| {
+        format!(
+            "bind it to vfio-pci first: echo vfio-pci >{p}/driver_override;{unbind} \
+             echo {bdf} >/sys/bus/pci/drivers_probe"
+        )
+    };
     match std::fs::read_link(path.join("driver")) {
         Ok(d) if d.file_name().is_some_and(|n| n == "vfio-pci") => {}
         Ok(d) => {
             let drv = d.file_name().map(|n| n.to_string_lossy().into_owned());
+            let unbind = format!(" echo {bdf} >{p}/driver/unbind;");
             return Err(format!(
-                "{p}: bound to {}, not vfio-pci; {rebind}",
-                drv.unwrap_or_default()
+                "{p}: bound to {}, not vfio-pci; {}",
+                drv.unwrap_or_default(),
+                bind(&unbind)
             ));
         }
-        Err(_) => return Err(format!("{p}: bound to no driver; {rebind}")),
+        Err(_) => return Err(format!("{p}: bound to no driver; {}", bind(""))),
     }
     let group = std::fs::read_link(path.join("iommu_group"))
         .ok()
@@ -246,7 +250,7 @@ mod tests {
             "{e}"
         );
         let e = check_bound(&fake(None, Some("7"))).unwrap_err();
-        assert!(e.contains("no driver"), "{e}");
+        assert!(e.contains("no driver") && !e.contains("unbind"), "{e}");
         let e = check_bound(&fake(Some("vfio-pci"), None)).unwrap_err();
         assert!(e.contains("intel_iommu=on"), "{e}");
         let e = check_bound(Path::new("/nonexistent/0000:00:01.0")).unwrap_err();

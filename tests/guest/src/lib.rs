@@ -274,6 +274,10 @@ pub struct Scenario {
     /// sent and waited for at once); `false` gives the lazy mode
     /// (`iommu.strict=0`: unmaps batched through a flush queue).
     pub strict: bool,
+    /// Nested route only: shell lines L1 runs after the disks and
+    /// passed-through devices are ready and before the VMM starts (the
+    /// VMM is `/vmm/vmm`, L2's kernel `/l2/vmlinux`).
+    pub l1_prelude: String,
 }
 
 impl Scenario {
@@ -290,6 +294,7 @@ impl Scenario {
             vmm_args: Vec::new(),
             vmm_stats_every: None,
             strict: true,
+            l1_prelude: String::new(),
         }
     }
 
@@ -818,6 +823,10 @@ impl Bed {
                     quoted.join(" ")
                 )
             };
+            if !s.l1_prelude.is_empty() {
+                script.push_str(&s.l1_prelude);
+                script.push('\n');
+            }
             if s.repeat > 1 {
                 script.push_str(&format!(
                     "for i in $(seq {}); do\n\

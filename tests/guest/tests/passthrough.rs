@@ -4,6 +4,9 @@
 //!
 //! - `passthrough_probe`: with `iommu=on` the device sits in an L2 IOMMU
 //!   group of type DMA behind the virtio-iommu; with `iommu=off` in none.
+//! - `passthrough_errors`: a path that is no PCI device, a device bound to
+//!   no driver and a group held by another process each stop the VMM with
+//!   a message that says so.
 //! - `passthrough_integrity`: strict L2, verified O_DIRECT I/O from several
 //!   threads through both passed-through devices; every MAP and UNMAP of
 //!   the iommu=on one reached the VFIO container, and at exit the container
@@ -76,6 +79,71 @@ fn passthrough_probe() {
             );
         }
     }
+}
+
+/// Wrong `--device` values, each tried by a VMM started in L1 before the
+/// scenario's own: (name, device path, how L1 prepares the case, what the
+/// error must say).
+const BAD_DEVICES: [(&str, &str, &str, &str); 3] = [
+    (
+        "missing",
+        "/sys/bus/pci/devices/0000:00:1f.7",
+        "",
+        "not a PCI device",
+    ),
+    // The host bridge: a PCI device bound to no driver.
+    (
+        "unbound",
+        "/sys/bus/pci/devices/0000:00:00.0",
+        "",
+        "bound to no driver",
+    ),
+    // p0's group held open by the shell: the VMM cannot have it.
+    (
+        "busy",
+        "/sys/bus/pci/devices/0000:00:10.0",
+        "exec 3<>/dev/vfio/$(basename $(readlink /sys/bus/pci/devices/0000:00:10.0/iommu_group))",
+        "the group is in use",
+    ),
+];
+
+#[test]
+fn passthrough_errors() {
+    if std::env::var_os(VMM_ENV).is_some() {
+        eprintln!("passthrough_errors: checks the reference VMM's messages only");
+        return;
+    }
+    let Some(bed) = bed_or_skip("passthrough_errors") else {
+        return;
+    };
+    let mut s = Scenario::new("probe");
+    s.disks = vec![DiskSpec::new("p0", 64, true).passed_through()];
+    s.timeout = Duration::from_secs(180);
+    for (name, path, prepare, _) in BAD_DEVICES {
+        s.l1_prelude.push_str(&format!(
+            "{prepare}\n/vmm/vmm --kernel /l2/vmlinux --serial off --device path={path},iommu=on \
+             2>&1 | sed 's/^/L1-BADDEV {name}: /'\nexec 3>&-\n"
+        ));
+    }
+    let out = bed.run(&s).expect("guest run");
+    report_timing("passthrough_errors", &out);
+    for (name, _, _, says) in BAD_DEVICES {
+        let lines = out.lines_with(&format!("L1-BADDEV {name}: "));
+        eprintln!("passthrough_errors: {lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains(says)),
+            "{name}: expected an error saying {says:?}, got {lines:?}; {}",
+            out.describe()
+        );
+    }
+    // The group the failed attempt could not take is free again.
+    let r = assert_agent_pass(&out, "probe");
+    assert_eq!(
+        r.fields.get("ids_on").map(String::as_str),
+        Some("p0"),
+        "{}",
+        r.line
+    );
 }
 
 /// The VMM's exit report line of passed-through device `id`, as fields.
