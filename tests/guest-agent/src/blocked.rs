@@ -5,9 +5,10 @@
 //! VFIO. The agent proves the path first (a mapped write and read-back of
 //! a pattern), then maps a canary buffer, UNMAPs it, and submits a READ
 //! whose data descriptor points at the unmapped IOVA. Nothing may land in
-//! the buffer. The device may complete the request with an error, or never
-//! (a QEMU device reports the failed DMA as DEVICE_NEEDS_RESET); both are
-//! fine, a completion with status OK is not.
+//! the buffer. How the device reports the refused DMA is its own business
+//! (QEMU's virtio-blk: DEVICE_NEEDS_RESET for this READ, but status OK with
+//! nothing written for a one-page READ), so the agent reports it and the
+//! test checks the IOMMU's fault log below.
 
 use std::time::Duration;
 
@@ -87,11 +88,6 @@ pub fn unmap_blocked(p: &Params) -> Res<String> {
     if landed != 0 {
         return Err(format!(
             "{summary}: the device wrote through an unmapped IOVA"
-        ));
-    }
-    if completed && status == 0 {
-        return Err(format!(
-            "{summary}: a READ into an unmapped IOVA completed with status OK"
         ));
     }
     Ok(summary)

@@ -9,6 +9,7 @@
 mod blocked;
 mod disks;
 mod faults;
+mod map_limit;
 mod perf;
 mod scenarios;
 mod soak;
@@ -110,6 +111,7 @@ fn main() {
         "dma-race" => scenarios::dma_race(&params),
         "churn" => scenarios::churn(&params),
         "unmap-blocked" => blocked::unmap_blocked(&params),
+        "map-limit" => map_limit::map_limit(&params),
         "faults" => faults::faults(&params),
         "soak" => soak::soak(&params),
         "perf" => perf::perf(&params),

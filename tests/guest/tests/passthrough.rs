@@ -14,6 +14,13 @@
 //! - `passthrough_churn`: thousands of MAP/UNMAP cycles from L2's own VFIO
 //!   user (the agent's virtio-blk driver) with verified I/O between them,
 //!   without a single container error.
+//! - `passthrough_map_refused`: L1's container takes only 32 mappings
+//!   (`dma_entry_limit`) and L2 maps 256 pages. Each MAP the container
+//!   refuses must be answered S_DEVERR and rolled back (the container
+//!   still mirrors the domain), a READ into a refused page must land
+//!   nothing, and after a reset the device works. (Linux's virtio-iommu
+//!   driver sends MAPs asynchronously and ignores their status, so L2's
+//!   VFIO never sees the refusal.)
 //! - `passthrough_unmap_blocked`: after UNMAP, a READ into the unmapped
 //!   IOVA lands nothing; the IOMMU below (QEMU's Intel IOMMU, in L1)
 //!   refuses the DMA and L1's kernel logs the fault.
@@ -146,6 +153,68 @@ fn passthrough_errors() {
     );
 }
 
+#[test]
+fn passthrough_map_refused() {
+    let Some(bed) = bed_or_skip("passthrough_map_refused") else {
+        return;
+    };
+    let mut s = Scenario::new("map-limit");
+    s.disks = vec![DiskSpec::new("p0", 64, true).passed_through()];
+    s.params = vec!["limit_disk=p0".into(), "max_maps=256".into()];
+    // Read when a container is opened: the VMM's, started next.
+    s.l1_prelude = "echo 32 >/sys/module/vfio_iommu_type1/parameters/dma_entry_limit".into();
+    s.timeout = Duration::from_secs(180);
+    let out = bed.run(&s).expect("guest run");
+    report_timing("passthrough_map_refused", &out);
+    let r = assert_agent_pass(&out, "map-limit");
+    eprintln!("passthrough_map_refused: {}", r.line);
+    assert_eq!(num(&r.fields, "landed_bytes"), 0, "{}", r.line);
+    // The READ went to the last page: DATA_IOVA + 255 * 8 KiB.
+    assert_l1_fault(&out, "0x801fe000");
+    if std::env::var_os(VMM_ENV).is_none() {
+        let f = vfio_report(&out, "p0");
+        eprintln!("p0: {f:?}");
+        assert!(
+            num(&f, "map_errors") >= 1,
+            "no container refusal counted: {f:?}"
+        );
+        assert_eq!(num(&f, "mismatches"), 0, "{f:?}");
+        assert_eq!(
+            f.get("container_matches_domain").map(String::as_str),
+            Some("yes"),
+            "{f:?}"
+        );
+        let deverr = out
+            .lines_with("requests map S_DEVERR: ")
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+            .sum::<u64>();
+        assert_eq!(
+            deverr,
+            num(&f, "map_errors"),
+            "every container refusal must be a MAP answered S_DEVERR; {}",
+            out.describe()
+        );
+    }
+}
+
+/// L1's kernel logged a DMA remapping fault of the passed-through device at
+/// `addr` (`DMAR: [DMA Write NO_PASID] Request device [00:10.0] fault addr
+/// 0x...`).
+fn assert_l1_fault(out: &Outcome, addr: &str) {
+    let faults = out.lines_with("DMAR: [DMA");
+    for l in &faults {
+        eprintln!("L1: {l}");
+    }
+    assert!(
+        faults
+            .iter()
+            .any(|l| l.contains("[00:10.0]") && l.contains(&format!("fault addr {addr} "))),
+        "L1 logged no DMA fault of 00:10.0 at {addr}: {faults:?}; {}",
+        out.describe()
+    );
+}
+
 /// The VMM's exit report line of passed-through device `id`, as fields.
 fn vfio_report(out: &Outcome, id: &str) -> std::collections::HashMap<String, String> {
     let prefix = format!("vfio {id}: ");
@@ -270,9 +339,6 @@ fn unmap_blocked(control: bool) -> Option<(Outcome, Option<AgentResult>, Summary
     s.timeout = Duration::from_secs(180);
     let out = bed.run(&s).expect("guest run");
     report_timing(test, &out);
-    for l in out.lines_with("DMAR") {
-        eprintln!("{test}: L1: {l}");
-    }
     let r = out.agent_result("unmap-blocked");
     let summary = out
         .lines_with("unmap-blocked: disk=")
@@ -293,17 +359,9 @@ fn passthrough_unmap_blocked() {
     let r = r.unwrap_or_else(|| panic!("no unmap-blocked result; {}", out.describe()));
     assert_eq!(r.status, "pass", "{}; {}", r.line, out.describe());
     assert_eq!(num(&summary, "landed_bytes"), 0, "{summary:?}");
-    // The IOMMU below refused the DMA, and L1's kernel says so.
-    let faults: Vec<String> = out
-        .lines_with("DMAR")
-        .into_iter()
-        .filter(|l| l.contains("fault"))
-        .collect();
-    assert!(
-        !faults.is_empty(),
-        "no DMAR fault logged by L1 for the refused DMA; {}",
-        out.describe()
-    );
+    // The IOMMU below refused the DMA at the unmapped IOVA (the agent's
+    // DATA_IOVA), and L1's kernel says so.
+    assert_l1_fault(&out, "0x80000000");
     if std::env::var_os(VMM_ENV).is_none() {
         let f = vfio_report(&out, "p0");
         assert_eq!(num(&f, "unmaps_skipped"), 0, "{f:?}");
