@@ -49,9 +49,9 @@ pub struct Args {
     /// the IOMMU revokes it (a backend that never completes).
     #[arg(long, value_name = "DISK", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
-    /// Host PCI devices passed through with VFIO: path=/sys/bus/pci/
-    /// devices/<BDF>[,iommu=on|off][,id=NAME] (one or more). The device
-    /// must be bound to vfio-pci and alone in a viable IOMMU group. With
+    /// Host PCI devices passed through with VFIO:
+    /// path=/sys/bus/pci/devices/BDF, iommu=on|off, id=NAME (one or more).
+    /// The device must be bound to vfio-pci, in a viable IOMMU group. With
     /// iommu=on it sits behind the virtio-iommu, and the guest's MAP and
     /// UNMAP requests program its VFIO container; with iommu=off all of
     /// guest RAM is mapped for it at boot. Test control, UNSAFE:
