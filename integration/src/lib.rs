@@ -11,6 +11,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpu;
+pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod memory;

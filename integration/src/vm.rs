@@ -20,13 +20,12 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use virtio_iommu::Metrics;
 
-use crate::acpi::{sleep_port_write, IommuTopology, SleepPortAction, ACPI_SLEEP_PORT};
+use crate::acpi::{sleep_port_write, SleepPortAction, ACPI_SLEEP_PORT};
 use crate::boot::{load_guest, BootEntry};
 use crate::cli::{SerialMode, VmConfig};
 use crate::cpu::setup_vcpu;
 use crate::layout::*;
-use crate::pci::msix::GsiRouter;
-use crate::pci::{BarAllocator, Bdf, PciBus, BAR_WINDOW_END, BAR_WINDOW_START};
+use crate::pci::PciBus;
 use crate::rtc::{Rtc, RTC_DATA, RTC_INDEX};
 
 /// Errors while building or running the VM.
@@ -190,186 +189,6 @@ pub struct Vm {
     _mem: GuestMemoryMmap,
 }
 
-/// PCI device number of the virtio-iommu (00:01.0).
-pub const IOMMU_DEVICE: u8 = 1;
-/// PCI device number of the first disk; the others follow in command-line
-/// order (00:02.0, 00:03.0, ...).
-pub const FIRST_DISK_DEVICE: u8 = 2;
-
-/// The PCI devices: host bridge, virtio-iommu (when a disk is `iommu=on`)
-/// and one virtio-blk per disk. Returns the bus, the IOMMU topology for the
-/// VIOT and the IOMMU's counters.
-fn build_pci(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<PciSetup, VmError> {
-    use crate::virtio::pci::{VirtioPciDevice, BAR_SIZE};
-    use crate::virtio::VirtioDevice;
-
-    let router = Arc::new(GsiRouter::new(Some(vm.clone())));
-    let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
-    let mut bus = PciBus::new();
-    let dev_err = |what: String| VmError::Device(what);
-    if cfg.disks.len() + cfg.devices.len() > usize::from(32 - FIRST_DISK_DEVICE) {
-        return Err(dev_err(format!(
-            "too many PCI devices: {} disks and {} passed-through devices in {} slots",
-            cfg.disks.len(),
-            cfg.devices.len(),
-            32 - FIRST_DISK_DEVICE
-        )));
-    }
-    // Passed-through devices: opened first, so that a wrong path fails
-    // before anything else is built; their containers become the IOMMU
-    // endpoints' mappers.
-    let mut opened = Vec::new();
-    if !cfg.devices.is_empty() {
-        let kvm_vfio = crate::vfio::kvm_vfio_device(vm).map_err(dev_err)?;
-        for (j, d) in cfg.devices.iter().enumerate() {
-            let (container, device, host) =
-                crate::vfio::open(&d.path, &kvm_vfio).map_err(dev_err)?;
-            let guest = Bdf::new(FIRST_DISK_DEVICE + (cfg.disks.len() + j) as u8);
-            opened.push((d, container, device, host, guest));
-        }
-    }
-    let mut add = |bus: &mut PciBus, bdf: Bdf, dev: Box<dyn VirtioDevice>| {
-        let bar = bars
-            .alloc(BAR_SIZE)
-            .ok_or_else(|| dev_err("PCI BAR window exhausted".into()))?;
-        let d = VirtioPciDevice::new(bdf, dev, bar, router.clone(), Some(vm.clone()))
-            .map_err(|e| dev_err(format!("{bdf}: {e}")))?;
-        bus.add(bdf.dev, Arc::new(d));
-        log::debug!("{bdf}: BAR0 at {bar:#x}");
-        Ok::<(), VmError>(())
-    };
-    let disk_bdf = |i: usize| Bdf::new(FIRST_DISK_DEVICE + i as u8);
-    let mut topology = None;
-    let mut metrics = None;
-    let mut handles: Vec<Option<virtio_iommu::EndpointHandle>> =
-        cfg.disks.iter().map(|_| None).collect();
-    let mut ledgers: Vec<Option<Arc<crate::vfio::dma::Ledger>>> =
-        opened.iter().map(|_| None).collect();
-    let mut inspector = None;
-    if cfg.disks.iter().any(|d| d.iommu) || cfg.devices.iter().any(|d| d.iommu) {
-        if !cfg.iommu.drain {
-            log::warn!(
-                "UNSAFE: --iommu drain=off: UNMAP, DETACH and ATTACH reply without waiting \
-                 for in-flight DMA and cached ring translations are never revoked; devices \
-                 can write guest memory the guest already took back (a control mode for \
-                 tests and measurements, never for real guests)"
-            );
-            eprintln!("vmm: WARNING: --iommu drain=off is unsafe (see the log)");
-        }
-        let mut iommu = crate::virtio::iommu::Iommu::with_config(
-            mem.clone(),
-            virtio_iommu::IommuConfig {
-                drain: cfg.iommu.drain,
-                address_width_bits: cfg.platform.iommu_address_width,
-                ..Default::default()
-            },
-            cfg.iommu.poll,
-        )
-        .map_err(|e| dev_err(format!("virtio-iommu: {e}")))?;
-        iommu.set_idle_poll(cfg.iommu.idle_poll);
-        let mut endpoints = Vec::new();
-        for (i, d) in cfg.disks.iter().enumerate() {
-            if d.iommu {
-                let bdf = disk_bdf(i);
-                handles[i] = Some(iommu.add_endpoint(u32::from(bdf.id())).map_err(dev_err)?);
-                endpoints.push(bdf);
-            }
-        }
-        for (j, (d, container, _, _, guest)) in opened.iter().enumerate() {
-            if d.iommu {
-                let ledger = Arc::new(crate::vfio::dma::Ledger::default());
-                if d.skip_container_unmap {
-                    log::warn!(
-                        "UNSAFE: --device {}: _skip_container_unmap=on: UNMAPs never reach \
-                         the VFIO container; the device keeps reaching memory the guest \
-                         took back (a control mode for tests only)",
-                        d.path.display()
-                    );
-                    eprintln!("vmm: WARNING: --device _skip_container_unmap=on is unsafe");
-                }
-                let mapper = crate::vfio::dma::LedgerMapper::new(
-                    container.clone(),
-                    mem.clone(),
-                    ledger.clone(),
-                    d.skip_container_unmap,
-                );
-                iommu
-                    .add_external_endpoint(u32::from(guest.id()), Arc::new(mapper))
-                    .map_err(dev_err)?;
-                ledgers[j] = Some(ledger);
-                endpoints.push(*guest);
-            }
-        }
-        inspector = Some(iommu.inspector());
-        metrics = Some(iommu.metrics());
-        let bdf = Bdf::new(IOMMU_DEVICE);
-        add(&mut bus, bdf, Box::new(iommu))?;
-        topology = Some(IommuTopology {
-            iommu: bdf,
-            endpoints,
-        });
-    }
-    let mut disks = Vec::new();
-    for (i, (d, h)) in cfg.disks.iter().zip(handles).enumerate() {
-        let blk = crate::virtio::block::Block::new(d, mem.clone(), h)
-            .map_err(|e| dev_err(format!("disk {}: {e}", d.path.display())))?;
-        disks.push(blk.report());
-        add(&mut bus, disk_bdf(i), Box::new(blk))?;
-    }
-    let mut passthrough = Vec::new();
-    // Slots after guest RAM's (one per RAM region, from 0).
-    let slots = crate::vfio::bar_map::SlotAllocator::new(mem.num_regions() as u32);
-    for ((d, container, device, host, guest), ledger) in opened.into_iter().zip(ledgers) {
-        let name = d.id.clone().unwrap_or_else(|| host.clone());
-        let mut ram_mapped = 0;
-        if ledger.is_none() {
-            ram_mapped = crate::vfio::dma::map_guest_ram(&container, mem)
-                .map_err(|e| dev_err(format!("{name}: {e}")))?;
-        }
-        let f = crate::vfio::pci::VfioPciFunction::new(
-            device,
-            &name,
-            &mut bars,
-            router.clone(),
-            Some((vm.clone(), &slots)),
-        )
-        .map_err(dev_err)?;
-        let mmapped_areas = f.mmapped_areas();
-        bus.add(guest.dev, Arc::new(f));
-        log::info!("{name}: host {host} passed through as {guest}");
-        passthrough.push(crate::vfio::PassthroughReport {
-            name,
-            host,
-            guest,
-            translated: ledger.map(|l| (l, inspector.clone().expect("IOMMU built"))),
-            ram_mapped,
-            mmapped_areas,
-            checks: 0,
-            mismatches: 0,
-            max_checked_mappings: 0,
-        });
-        // The container lives as long as the device (the function holds
-        // the device, the device its container).
-        drop(container);
-    }
-    Ok(PciSetup {
-        bus,
-        topology,
-        metrics,
-        disks,
-        passthrough,
-    })
-}
-
-/// What [`build_pci`] made.
-struct PciSetup {
-    bus: PciBus,
-    topology: Option<IommuTopology>,
-    metrics: Option<Arc<Metrics>>,
-    disks: Vec<crate::virtio::block::DiskReport>,
-    passthrough: Vec<crate::vfio::PassthroughReport>,
-}
-
 fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, VmError> {
     Ok(match mode {
         SerialMode::Tty => Some(Box::new(std::io::stdout())),
@@ -426,13 +245,13 @@ impl Vm {
         let mp = crate::mptable::build(cfg.cpus, crate::mptable::MPTABLE_START);
         mem.write_slice(&mp, GuestAddress(crate::mptable::MPTABLE_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
-        let PciSetup {
+        let crate::devices::PciSetup {
             bus: pci,
             topology,
             metrics,
             disks,
             passthrough,
-        } = build_pci(cfg, &vm, &mem)?;
+        } = crate::devices::build(cfg, &vm, &mem).map_err(VmError::Device)?;
         let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START, topology.as_ref());
         mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
