@@ -63,10 +63,19 @@ impl GsiRouter {
         g
     }
 
-    /// Registers `evt` as an irqfd on `gsi`.
+    /// Registers `evt` as an irqfd on `gsi`. KVM injects at once if `evt`
+    /// was already signalled.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
         match &self.vm {
             Some(vm) => vm.register_irqfd(evt, gsi),
+            None => Ok(()),
+        }
+    }
+
+    /// Unregisters the irqfd `evt` from `gsi`: signals stay in `evt`.
+    pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        match &self.vm {
+            Some(vm) => vm.unregister_irqfd(evt, gsi),
             None => Ok(()),
         }
     }
@@ -169,6 +178,13 @@ impl Entry {
 
 /// The MSI-X state of one function: table, PBA, message control bits, and
 /// the irqfd of each vector.
+///
+/// Two kinds of signaller: the VMM ([`Msix::signal`], which holds a
+/// vector's message as pending while it cannot be delivered), or a device
+/// that writes the irqfds itself (VFIO: [`Msix::new_external`]). For the
+/// latter, a vector's irqfd is registered with KVM only while the vector
+/// can deliver, so a masked vector's signals wait in its eventfd and KVM
+/// delivers them when the registration comes back at the unmask.
 pub struct Msix {
     entries: Vec<Entry>,
     pending: Vec<bool>,
@@ -177,20 +193,37 @@ pub struct Msix {
     gsis: Vec<u32>,
     irqfds: Vec<EventFd>,
     router: Arc<GsiRouter>,
+    /// Signalled by a device, not by [`Msix::signal`].
+    external: bool,
+    /// External mode: whether each irqfd is registered with KVM now.
+    connected: Vec<bool>,
 }
 
 impl Msix {
-    /// `vectors` vectors (all masked), each with a GSI and an irqfd.
+    /// `vectors` vectors (all masked), each with a GSI and an irqfd that
+    /// the VMM signals through [`Msix::signal`].
     pub fn new(vectors: u16, router: Arc<GsiRouter>) -> std::io::Result<Self> {
+        Self::build(vectors, router, false)
+    }
+
+    /// `vectors` vectors (all masked) whose irqfds a device signals
+    /// directly (handed to VFIO); see [`Msix`].
+    pub fn new_external(vectors: u16, router: Arc<GsiRouter>) -> std::io::Result<Self> {
+        Self::build(vectors, router, true)
+    }
+
+    fn build(vectors: u16, router: Arc<GsiRouter>, external: bool) -> std::io::Result<Self> {
         let n = usize::from(vectors);
         let mut gsis = Vec::with_capacity(n);
         let mut irqfds = Vec::with_capacity(n);
         for _ in 0..n {
             let gsi = router.allocate();
             let evt = EventFd::new(EFD_NONBLOCK)?;
-            router
-                .register_irqfd(&evt, gsi)
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            if !external {
+                router
+                    .register_irqfd(&evt, gsi)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            }
             gsis.push(gsi);
             irqfds.push(evt);
         }
@@ -208,7 +241,14 @@ impl Msix {
             gsis,
             irqfds,
             router,
+            external,
+            connected: vec![false; n],
         })
+    }
+
+    /// External mode: whether `vector`'s irqfd is registered with KVM.
+    pub fn is_connected(&self, vector: usize) -> bool {
+        self.connected.get(vector).copied().unwrap_or(false)
     }
 
     /// Number of vectors.
@@ -253,12 +293,30 @@ impl Msix {
     /// Brings the route of `v` up to date and sends its pending message
     /// once it can be delivered.
     fn sync(&mut self, v: usize) {
-        if !self.deliverable(v) {
+        let can = self.deliverable(v);
+        if self.external && !can && self.connected[v] {
+            if let Err(e) = self.router.unregister_irqfd(&self.irqfds[v], self.gsis[v]) {
+                log::warn!("KVM_IRQFD deassign: {e}");
+            }
+            self.connected[v] = false;
+        }
+        if !can {
             return;
         }
         let (addr, data) = self.entries[v].msg();
         if let Err(e) = self.router.set_msi(self.gsis[v], addr, data) {
             log::warn!("KVM_SET_GSI_ROUTING: {e}");
+        }
+        if self.external {
+            // After the route: a signal that waited is delivered to the
+            // message the guest has just made deliverable.
+            if !self.connected[v] {
+                match self.router.register_irqfd(&self.irqfds[v], self.gsis[v]) {
+                    Ok(()) => self.connected[v] = true,
+                    Err(e) => log::warn!("KVM_IRQFD: {e}"),
+                }
+            }
+            return;
         }
         if std::mem::take(&mut self.pending[v]) {
             let _ = self.irqfds[v].write(1);
@@ -350,6 +408,11 @@ impl Msix {
         self.pending.fill(false);
         self.enabled = false;
         self.function_masked = false;
+        if self.external {
+            for v in 0..self.entries.len() {
+                self.sync(v);
+            }
+        }
     }
 }
 
@@ -380,6 +443,32 @@ mod tests {
         m.table_write(v * 16 + 4, &0u32.to_le_bytes());
         m.table_write(v * 16 + 8, &data.to_le_bytes());
         m.table_write(v * 16 + 12, &u32::from(masked).to_le_bytes());
+    }
+
+    #[test]
+    fn external_irqfds_follow_the_mask() {
+        let router = Arc::new(GsiRouter::new(None));
+        let mut m = Msix::new_external(2, router.clone()).unwrap();
+        assert!(!m.is_connected(0) && !m.is_connected(1));
+        program(&mut m, 0, 0xfee0_0000, 0x30, false);
+        assert!(!m.is_connected(0), "MSI-X still disabled");
+        m.set_control(MSIX_ENABLE);
+        assert!(m.is_connected(0) && !m.is_connected(1));
+        assert_eq!(
+            router.msi_route(m.gsi(0).unwrap()),
+            Some((0xfee0_0000, 0x30))
+        );
+        // Masking the vector, or the function, disconnects the irqfd.
+        m.table_write(12, &1u32.to_le_bytes());
+        assert!(!m.is_connected(0));
+        m.table_write(12, &0u32.to_le_bytes());
+        assert!(m.is_connected(0));
+        m.set_control(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        assert!(!m.is_connected(0));
+        m.set_control(MSIX_ENABLE);
+        assert!(m.is_connected(0));
+        m.reset();
+        assert!(!m.is_connected(0));
     }
 
     #[test]

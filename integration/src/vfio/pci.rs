@@ -8,14 +8,19 @@
 //! - the interrupt pin: reads 0 (no INTx); the line is scratch;
 //! - the MSI-X message control: MSI-X is switched on and off with
 //!   `VFIO_DEVICE_SET_IRQS`, each vector signalling the eventfd that KVM
-//!   turns into the MSI the guest wrote into the vector's table entry.
+//!   turns into the MSI the guest wrote into the vector's table entry;
+//!   while the vector (or the function) is masked the eventfd is not
+//!   connected to KVM, and a signal that arrived meanwhile is delivered at
+//!   the unmask.
 //!
 //! BARs that VFIO lets the VMM mmap are mapped into the guest
 //! ([`super::bar_map`]); other BAR accesses trap to the VMM and reach the
 //! device by pread/pwrite on its VFIO region, except the MSI-X table and
 //! PBA, which the VMM emulates (the routes follow the table). Invariant: nothing the guest writes reaches the
 //! host's BAR registers, ROM or MSI-X control, and every interrupt the
-//! device raises arrives as the message the guest programmed, or not at all.
+//! device raises arrives as the message the guest programmed, once the
+//! vector can deliver. (The PBA shows no pending bits for these vectors:
+//! a signal waits in the eventfd, unseen.)
 
 use std::sync::{Arc, Mutex};
 
@@ -171,7 +176,10 @@ impl VfioPciFunction {
         let msix = match &msix_layout {
             Some(l) => {
                 let vectors = (l.table_len / 16) as u16;
-                Some(Msix::new(vectors, router).map_err(|e| format!("{name}: MSI-X: {e}"))?)
+                Some(
+                    Msix::new_external(vectors, router)
+                        .map_err(|e| format!("{name}: MSI-X: {e}"))?,
+                )
             }
             None => {
                 log::warn!("{name}: no MSI-X capability: the guest gets no interrupts from it");
