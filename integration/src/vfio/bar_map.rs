@@ -150,19 +150,31 @@ impl BarMaps {
         self.areas.is_empty()
     }
 
+    /// The first half of [`BarMaps::update`]: removes the slots that
+    /// `decoded` no longer has at the same place, adds none. Called before
+    /// the device stops decoding: VFIO revokes its BAR mmaps then, and a
+    /// guest access through a slot over a revoked mmap would fail the
+    /// vCPU's KVM_RUN.
+    pub fn remove_stale(&mut self, decoded: &[(usize, u64, u64)]) {
+        let Some(vm) = self.vm.clone() else {
+            return;
+        };
+        for a in &mut self.areas {
+            if a.at.is_some() && a.at != slot_address(a.bar, a.offset, a.size, decoded) {
+                set_slot(&vm, a, None);
+            }
+        }
+    }
+
     /// Makes the slots follow `decoded` (index, guest address, size of
     /// each BAR that decodes now): removes the slots of BARs that moved or
     /// stopped decoding, then installs the new ones.
     pub fn update(&mut self, decoded: &[(usize, u64, u64)]) {
+        self.remove_stale(decoded);
         let Some(vm) = self.vm.clone() else {
             return;
         };
         let want = |a: &Area| slot_address(a.bar, a.offset, a.size, decoded);
-        for a in &mut self.areas {
-            if a.at.is_some() && a.at != want(a) {
-                set_slot(&vm, a, None);
-            }
-        }
         for a in &mut self.areas {
             let w = want(a);
             if a.at.is_none() && w.is_some() {

@@ -316,11 +316,13 @@ impl PciFunction for VfioPciFunction {
             INTERRUPT_REG => lock(&self.state).shadow.write(reg, offset, data),
             1 => {
                 // Memory decode and bus mastering are the device's; the
-                // shadow follows decode so the bus maps the BARs.
-                self.device.region_write(CONFIG_REGION, data, off);
+                // shadow follows decode so the bus maps the BARs. Slots
+                // go before decode goes off and come after it is on.
                 let mut st = lock(&self.state);
                 st.shadow.write(reg, offset, data);
                 let decoded = st.shadow.mapped_bars();
+                st.maps.remove_stale(&decoded);
+                self.device.region_write(CONFIG_REGION, data, off);
                 st.maps.update(&decoded);
             }
             _ => match self.msix_layout {
