@@ -120,8 +120,12 @@ impl ExternalMapper for LedgerMapper {
         match &r {
             Ok(()) => self.ledger.record_map(iova, size),
             Err(e) => {
-                log::warn!("VFIO map {iova:#x}+{size:#x} -> {gpa:#x}: {e}");
-                self.ledger.map_errors.fetch_add(1, Ordering::Relaxed);
+                // The guest decides how often this happens: log the 1st,
+                // 2nd, 4th, 8th... refusal only.
+                let n = self.ledger.map_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!("VFIO map {iova:#x}+{size:#x} -> {gpa:#x}: {e} (refusal {n})");
+                }
             }
         }
         r

@@ -102,6 +102,9 @@ pub struct VfioPciFunction {
     name: String,
     /// The prefetchable bit of each BAR's low dword (the shadow has none).
     prefetch: [u32; NUM_BARS],
+    /// Each BAR's size at the device; the guest's BAR may be larger (at
+    /// least a page), and accesses past the device's end go nowhere.
+    region_sizes: [u64; NUM_BARS],
     msix_layout: Option<MsixLayout>,
 }
 
@@ -131,6 +134,7 @@ impl VfioPciFunction {
         }
         let mut shadow = ConfigSpace::new(0, 0, 0, 0, 0, 0);
         let mut prefetch = [0u32; NUM_BARS];
+        let mut region_sizes = [0u64; NUM_BARS];
         let mut i = 0;
         while i < NUM_BARS {
             let raw = read32((regs::BAR0 + 4 * i) as u64);
@@ -159,6 +163,7 @@ impl VfioPciFunction {
             })?;
             shadow.add_mem_bar(i, addr, guest_size, is64);
             prefetch[i] = raw & 0x8;
+            region_sizes[i] = size;
             log::debug!("{name}: BAR{i} {size:#x} bytes at {addr:#x} (64-bit: {is64})");
             i += step;
         }
@@ -190,6 +195,7 @@ impl VfioPciFunction {
             device,
             name: name.to_string(),
             prefetch,
+            region_sizes,
             msix_layout,
             state: Mutex::new(State {
                 shadow,
@@ -204,6 +210,15 @@ impl VfioPciFunction {
     /// Number of BAR areas mapped into the guest (the rest trap).
     pub fn mmapped_areas(&self) -> usize {
         lock(&self.state).maps.len()
+    }
+
+    /// Whether `[offset, offset + len)` lies inside BAR `bar` at the
+    /// device (the guest picks the offset: checked before any access).
+    fn at_device(&self, bar: usize, offset: u64, len: usize) -> bool {
+        let size = self.region_sizes.get(bar).copied().unwrap_or(0);
+        offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size)
     }
 
     fn device_read32(&self, reg: usize) -> u32 {
@@ -362,7 +377,9 @@ impl PciFunction for VfioPciFunction {
                 return;
             }
         }
-        self.device.region_read(bar as u32, data, offset);
+        if self.at_device(bar, offset, data.len()) {
+            self.device.region_read(bar as u32, data, offset);
+        }
     }
 
     fn bar_write(&self, bar: usize, offset: u64, data: &[u8]) {
@@ -377,7 +394,9 @@ impl PciFunction for VfioPciFunction {
                 return;
             }
         }
-        self.device.region_write(bar as u32, data, offset);
+        if self.at_device(bar, offset, data.len()) {
+            self.device.region_write(bar as u32, data, offset);
+        }
     }
 }
 
