@@ -26,6 +26,82 @@ const LEN: usize = 16 * 1024;
 /// The canary byte the buffer holds while unmapped.
 const CANARY: u8 = 0xa5;
 
+/// Writes a pattern from the start of `data` (mapped at `DATA_IOVA`) to
+/// `sector`, reads it back into the `len` bytes after it and compares.
+/// `Err` says which step failed.
+pub(crate) fn write_read_back(
+    dev: &mut VirtioBlk,
+    data: &HugeBuf,
+    sector: u64,
+    len: usize,
+) -> Res<()> {
+    let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ 0x3c).collect();
+    data.write(0, &pattern);
+    data.fill(len, len, 0);
+    let w = dev.io(VIRTIO_BLK_T_OUT, sector, DATA_IOVA, len as u32)?;
+    if w != 0 {
+        return Err(format!("WRITE status {w}"));
+    }
+    let r = dev.io(VIRTIO_BLK_T_IN, sector, DATA_IOVA + len as u64, len as u32)?;
+    let mut back = vec![0u8; len];
+    data.read(len, &mut back);
+    if r != 0 || back != pattern {
+        return Err(format!(
+            "READ status {r}, data {}",
+            if back == pattern { "ok" } else { "wrong" }
+        ));
+    }
+    Ok(())
+}
+
+/// What became of a READ that the IOMMU below should refuse.
+pub(crate) struct RefusedRead {
+    completed: bool,
+    status: u8,
+    needs_reset: bool,
+    /// Bytes of the watched range that no longer hold the canary.
+    pub landed: usize,
+}
+
+impl RefusedRead {
+    /// `landed_bytes=.. completed=.. req_status=.. needs_reset=..`.
+    pub(crate) fn fields(&self) -> String {
+        let shown = if self.status == STATUS_UNTOUCHED {
+            "none".to_string()
+        } else {
+            self.status.to_string()
+        };
+        format!(
+            "landed_bytes={} completed={} req_status={shown} needs_reset={}",
+            self.landed,
+            u8::from(self.completed),
+            u8::from(self.needs_reset)
+        )
+    }
+}
+
+/// Submits a READ of `len` bytes from `sector` into `iova`, waits up to
+/// `wait` for it, and counts the bytes of `data[watch.0..watch.0 +
+/// watch.1]` that are no longer `canary`.
+pub(crate) fn read_refused(
+    dev: &mut VirtioBlk,
+    data: &HugeBuf,
+    (sector, iova, len): (u64, u64, usize),
+    wait: Duration,
+    watch: (usize, usize),
+    canary: u8,
+) -> Res<RefusedRead> {
+    dev.push(0, VIRTIO_BLK_T_IN, sector, iova, len as u32);
+    dev.notify()?;
+    let completed = dev.wait_completions(1, wait).is_ok();
+    Ok(RefusedRead {
+        completed,
+        status: dev.slot_status(0),
+        needs_reset: dev.status()? & STATUS_NEEDS_RESET != 0,
+        landed: data.count_not(watch.0, watch.1, canary),
+    })
+}
+
 pub fn unmap_blocked(p: &Params) -> Res<String> {
     let disks = disks::discover(p.num("ndisks", 0) as usize)?;
     let disk = disks::pick(&disks, p.get("blocked_disk"), true)?;
@@ -35,28 +111,13 @@ pub fn unmap_blocked(p: &Params) -> Res<String> {
     let mut dev = VirtioBlk::open(&disk.bdf, RING_IOVA)?;
     let data = HugeBuf::new(HUGE_PAGE)?;
     let sector = RESERVED_BYTES / 512;
-    let pattern: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8 ^ 0x3c).collect();
 
-    // 1. The path works while mapped: write the pattern, read it back.
+    // 1. The path works while mapped: write a pattern, read it back.
     phase("unmap-blocked: mapped i/o", 0);
-    data.write(0, &pattern);
-    data.fill(LEN, LEN, 0);
     dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
-    let s = dev.io(VIRTIO_BLK_T_OUT, sector, DATA_IOVA, LEN as u32)?;
-    if s != 0 {
-        return Err(format!("mapped WRITE status {s}"));
-    }
-    let s = dev.io(VIRTIO_BLK_T_IN, sector, DATA_IOVA + LEN as u64, LEN as u32)?;
-    let mut back = vec![0u8; LEN];
-    data.read(LEN, &mut back);
-    if s != 0 || back != pattern {
-        return Err(format!(
-            "mapped READ status {s}, data {}",
-            if back == pattern { "ok" } else { "wrong" }
-        ));
-    }
+    write_read_back(&mut dev, &data, sector, LEN).map_err(|e| format!("mapped {e}"))?;
 
-    // 2. UNMAP, then the same READ into the unmapped IOVA.
+    // 2. UNMAP, then a READ into the unmapped IOVA.
     phase("unmap-blocked: unmap", 0);
     data.fill(0, HUGE_PAGE, CANARY);
     let n = dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
@@ -64,28 +125,18 @@ pub fn unmap_blocked(p: &Params) -> Res<String> {
         return Err(format!("UNMAP_DMA unmapped {n} of {HUGE_PAGE} bytes"));
     }
     phase("unmap-blocked: read after unmap", 0);
-    dev.push(0, VIRTIO_BLK_T_IN, sector, DATA_IOVA, LEN as u32);
-    dev.notify()?;
-    let wait = Duration::from_millis(p.num("wait_ms", 3000));
-    let completed = dev.wait_completions(1, wait).is_ok();
-    let status = dev.slot_status(0);
-    let dev_status = dev.status()?;
-    let needs_reset = dev_status & STATUS_NEEDS_RESET != 0;
-    let landed = data.count_not(0, HUGE_PAGE, CANARY);
-    let shown = if status == STATUS_UNTOUCHED {
-        "none".to_string()
-    } else {
-        status.to_string()
-    };
-    let summary = format!(
-        "disk={} landed_bytes={landed} completed={} req_status={shown} needs_reset={}",
-        disk.id,
-        u8::from(completed),
-        u8::from(needs_reset)
-    );
+    let read = read_refused(
+        &mut dev,
+        &data,
+        (sector, DATA_IOVA, LEN),
+        Duration::from_millis(p.num("wait_ms", 3000)),
+        (0, HUGE_PAGE),
+        CANARY,
+    )?;
+    let summary = format!("disk={} {}", disk.id, read.fields());
     say(&format!("unmap-blocked: {summary}"));
     let _ = dev.reset();
-    if landed != 0 {
+    if read.landed != 0 {
         return Err(format!(
             "{summary}: the device wrote through an unmapped IOVA"
         ));

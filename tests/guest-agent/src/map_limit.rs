@@ -16,13 +16,11 @@
 
 use std::time::Duration;
 
+use crate::blocked::{read_refused, write_read_back};
 use crate::disks::{self, RESERVED_BYTES};
 use crate::scenarios::{reserve_hugepages, DATA_IOVA, RING_IOVA};
 use crate::vfio::bind_vfio_pci;
-use crate::virtio::{
-    HugeBuf, VirtioBlk, HUGE_PAGE, STATUS_NEEDS_RESET, STATUS_UNTOUCHED, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
-};
+use crate::virtio::{HugeBuf, VirtioBlk, HUGE_PAGE};
 use crate::{phase, say, Params, Res};
 
 const PAGE: usize = 4096;
@@ -55,14 +53,14 @@ pub fn map_limit(p: &Params) -> Res<String> {
     phase("map-limit: read into a refused page", 0);
     let last = max - 1;
     let sector = RESERVED_BYTES / 512;
-    dev.push(0, VIRTIO_BLK_T_IN, sector, iova(last), PAGE as u32);
-    dev.notify()?;
-    let completed = dev
-        .wait_completions(1, Duration::from_millis(p.num("wait_ms", 3000)))
-        .is_ok();
-    let status = dev.slot_status(0);
-    let needs_reset = dev.status()? & STATUS_NEEDS_RESET != 0;
-    let landed = data.count_not(last as usize * PAGE, PAGE, CANARY);
+    let read = read_refused(
+        &mut dev,
+        &data,
+        (sector, iova(last), PAGE),
+        Duration::from_millis(p.num("wait_ms", 3000)),
+        (last as usize * PAGE, PAGE),
+        CANARY,
+    )?;
 
     phase("map-limit: unmap", 0);
     for i in 0..max {
@@ -71,40 +69,23 @@ pub fn map_limit(p: &Params) -> Res<String> {
 
     phase("map-limit: i/o after reset", 0);
     dev.init()?;
-    let len = 16 * 1024;
-    let pattern: Vec<u8> = (0..len).map(|i| (i % 253) as u8 ^ 0x5a).collect();
-    data.write(0, &pattern);
-    data.fill(len, len, 0);
     dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
-    let w = dev.io(VIRTIO_BLK_T_OUT, sector, DATA_IOVA, len as u32)?;
-    let r = dev.io(VIRTIO_BLK_T_IN, sector, DATA_IOVA + len as u64, len as u32)?;
-    let mut back = vec![0u8; len];
-    data.read(len, &mut back);
+    let io = write_read_back(&mut dev, &data, sector, 16 * 1024);
     dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
     let _ = dev.reset();
-    let io_ok = w == 0 && r == 0 && back == pattern;
 
-    let shown = if status == STATUS_UNTOUCHED {
-        "none".to_string()
-    } else {
-        status.to_string()
-    };
     let summary = format!(
-        "disk={} maps_tried={max} refused_seen={refused_seen} landed_bytes={landed} \
-         completed={} req_status={shown} needs_reset={} io_after={}",
+        "disk={} maps_tried={max} refused_seen={refused_seen} {} io_after={}",
         disk.id,
-        u8::from(completed),
-        u8::from(needs_reset),
-        if io_ok { "ok" } else { "bad" }
+        read.fields(),
+        if io.is_ok() { "ok" } else { "bad" }
     );
     say(&format!("map-limit: {summary}"));
-    if landed != 0 {
+    if read.landed != 0 {
         return Err(format!("{summary}: DMA landed through a refused MAP"));
     }
-    if !io_ok {
-        return Err(format!(
-            "{summary}: the device fails after the reset (write {w}, read {r})"
-        ));
+    if let Err(e) = io {
+        return Err(format!("{summary}: the device fails after the reset ({e})"));
     }
     Ok(summary)
 }
