@@ -337,6 +337,15 @@ pub struct AgentResult {
     pub line: String,
 }
 
+/// The number in field `k` of parsed `key=value` fields; panics (naming
+/// the fields) when it is missing or not a number.
+pub fn field_num(fields: &HashMap<String, String>, k: &str) -> u64 {
+    fields
+        .get(k)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {k}= in {fields:?}"))
+}
+
 /// Parses `key=value` words; values may be double-quoted.
 pub fn parse_kv(s: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
@@ -392,6 +401,24 @@ impl Outcome {
             .iter()
             .filter_map(|l| l.find(prefix).map(|i| l[i..].to_string()))
             .collect()
+    }
+
+    /// The `key=value` fields of the VMM's exit-report line that begins
+    /// with `prefix` and contains `marker` (the last one), e.g.
+    /// `virtio-blk NAME: engine=...` or `vfio NAME: host=...`. Panics with
+    /// the run's description when there is none.
+    pub fn exit_report(&self, prefix: &str, marker: &str) -> HashMap<String, String> {
+        let line = self
+            .lines_with(prefix)
+            .into_iter()
+            .rfind(|l| l.contains(marker))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `{prefix}... {marker}...` exit report; {}",
+                    self.describe()
+                )
+            });
+        parse_kv(&line)
     }
 
     /// The VMM's samples from `L1-VMM-STAT` lines (see

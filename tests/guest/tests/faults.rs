@@ -18,7 +18,7 @@
 //! skipped.
 
 use guest_tests::{
-    assert_agent_pass, bed_or_skip, report_timing, DiskSpec, Outcome, Scenario, VMM_ENV,
+    assert_agent_pass, bed_or_skip, field_num, report_timing, DiskSpec, Outcome, Scenario, VMM_ENV,
 };
 use std::time::Duration;
 
@@ -28,22 +28,7 @@ const STALL_SECTOR: u64 = 65536;
 /// The counters of the VMM's exit line for disk `id` (`virtio-blk ID.img:
 /// engine=... requests=N ioerr=N ...`).
 fn disk_report(out: &Outcome, id: &str) -> std::collections::HashMap<String, String> {
-    let prefix = format!("virtio-blk {id}");
-    let line = out
-        .lines
-        .iter()
-        .find(|l| l.starts_with(&prefix) && l.contains("engine="))
-        .unwrap_or_else(|| panic!("no exit report for disk {id}; {}", out.describe()));
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn num(m: &std::collections::HashMap<String, String>, k: &str) -> u64 {
-    m.get(k)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {k}= in {m:?}"))
+    out.exit_report(&format!("virtio-blk {id}"), "engine=")
 }
 
 fn scenario() -> Scenario {
@@ -88,7 +73,7 @@ fn faults() {
     eprintln!("faults: {}", r.line);
 
     let flaky = disk_report(&out, "flaky");
-    let (requests, ioerr) = (num(&flaky, "requests"), num(&flaky, "ioerr"));
+    let (requests, ioerr) = (field_num(&flaky, "requests"), field_num(&flaky, "ioerr"));
     assert_eq!(
         ioerr,
         requests / FAIL_EVERY,
@@ -102,8 +87,12 @@ fn faults() {
         "flaky: the guest's errors do not match the VMM's ({ioerr}): {}",
         r.line
     );
-    assert_eq!(num(&flaky, "in_flight"), 0, "{flaky:?}");
-    assert_eq!(num(&flaky, "cancelled"), 0, "nothing was revoked on flaky");
+    assert_eq!(field_num(&flaky, "in_flight"), 0, "{flaky:?}");
+    assert_eq!(
+        field_num(&flaky, "cancelled"),
+        0,
+        "nothing was revoked on flaky"
+    );
 
     let stuck = disk_report(&out, "stuck");
     let rounds: u64 = r
@@ -112,13 +101,13 @@ fn faults() {
         .and_then(|v| v.parse().ok())
         .expect("stuck_rounds");
     assert_eq!(
-        num(&stuck, "cancelled"),
+        field_num(&stuck, "cancelled"),
         rounds,
         "every stalled READ is cancelled by its revocation: {stuck:?}"
     );
-    assert_eq!(num(&stuck, "in_flight"), 0, "{stuck:?}");
+    assert_eq!(field_num(&stuck, "in_flight"), 0, "{stuck:?}");
     let good = disk_report(&out, "good");
-    assert_eq!(num(&good, "ioerr"), 0, "{good:?}");
+    assert_eq!(field_num(&good, "ioerr"), 0, "{good:?}");
     let revocations = out
         .lines
         .iter()

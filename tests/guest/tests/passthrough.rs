@@ -34,8 +34,8 @@
 //! blocking, the dma_race tests check the race on the VMM's own devices.
 
 use guest_tests::{
-    assert_agent_pass, bed_or_skip, env_num, report_timing, AgentResult, DiskSpec, Outcome,
-    Scenario, VMM_ENV,
+    assert_agent_pass, bed_or_skip, env_num, field_num, report_timing, AgentResult, DiskSpec,
+    Outcome, Scenario, VMM_ENV,
 };
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ fn passthrough_probe() {
         for id in ["p0", "p1"] {
             let f = vfio_report(&out, id);
             assert!(
-                num(&f, "bar_areas_mmapped") >= 1,
+                field_num(&f, "bar_areas_mmapped") >= 1,
                 "{id}: no BAR mapped: {f:?}"
             );
         }
@@ -168,17 +168,17 @@ fn passthrough_map_refused() {
     report_timing("passthrough_map_refused", &out);
     let r = assert_agent_pass(&out, "map-limit");
     eprintln!("passthrough_map_refused: {}", r.line);
-    assert_eq!(num(&r.fields, "landed_bytes"), 0, "{}", r.line);
+    assert_eq!(field_num(&r.fields, "landed_bytes"), 0, "{}", r.line);
     // The READ went to the last page: DATA_IOVA + 255 * 8 KiB.
     assert_l1_fault(&out, "0x801fe000");
     if std::env::var_os(VMM_ENV).is_none() {
         let f = vfio_report(&out, "p0");
         eprintln!("p0: {f:?}");
         assert!(
-            num(&f, "map_errors") >= 1,
+            field_num(&f, "map_errors") >= 1,
             "no container refusal counted: {f:?}"
         );
-        assert_eq!(num(&f, "mismatches"), 0, "{f:?}");
+        assert_eq!(field_num(&f, "mismatches"), 0, "{f:?}");
         assert_eq!(
             f.get("container_matches_domain").map(String::as_str),
             Some("yes"),
@@ -191,7 +191,7 @@ fn passthrough_map_refused() {
             .sum::<u64>();
         assert_eq!(
             deverr,
-            num(&f, "map_errors"),
+            field_num(&f, "map_errors"),
             "every container refusal must be a MAP answered S_DEVERR; {}",
             out.describe()
         );
@@ -217,20 +217,7 @@ fn assert_l1_fault(out: &Outcome, addr: &str) {
 
 /// The VMM's exit report line of passed-through device `id`, as fields.
 fn vfio_report(out: &Outcome, id: &str) -> std::collections::HashMap<String, String> {
-    let prefix = format!("vfio {id}: ");
-    let line = out
-        .lines_with(&prefix)
-        .pop()
-        .unwrap_or_else(|| panic!("no `{prefix}` exit report; {}", out.describe()));
-    line[prefix.len()..]
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn num(f: &std::collections::HashMap<String, String>, k: &str) -> u64 {
-    f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    out.exit_report(&format!("vfio {id}: "), "host=")
 }
 
 /// Checks the iommu=on device's report: maps and unmaps went through,
@@ -239,11 +226,11 @@ fn assert_container_mirrors_domain(out: &Outcome, id: &str, min_maps: u64) {
     let f = vfio_report(out, id);
     eprintln!("{id}: {f:?}");
     assert!(
-        num(&f, "maps") >= min_maps && num(&f, "unmaps") > 0,
+        field_num(&f, "maps") >= min_maps && field_num(&f, "unmaps") > 0,
         "too few container maps/unmaps for {id}: {f:?}"
     );
     assert_eq!(
-        (num(&f, "map_errors"), num(&f, "unmap_errors")),
+        (field_num(&f, "map_errors"), field_num(&f, "unmap_errors")),
         (0, 0),
         "container errors for {id}: {f:?}"
     );
@@ -253,7 +240,7 @@ fn assert_container_mirrors_domain(out: &Outcome, id: &str, min_maps: u64) {
         "{id}: the container does not hold the domain's mappings at exit: {f:?}"
     );
     assert_eq!(
-        num(&f, "mismatches"),
+        field_num(&f, "mismatches"),
         0,
         "{id}: the container differed from the domain while the guest ran: {f:?}"
     );
@@ -290,7 +277,7 @@ fn passthrough_integrity() {
         // domain attached (rings and buffers mapped) are what counts.
         let f = vfio_report(&out, "p0");
         assert!(
-            num(&f, "checks") > 0 && num(&f, "max_checked_mappings") > 0,
+            field_num(&f, "checks") > 0 && field_num(&f, "max_checked_mappings") > 0,
             "no comparison covered a live domain: {f:?}"
         );
         let off = vfio_report(&out, "p1");
@@ -312,7 +299,7 @@ fn passthrough_churn() {
     report_timing("passthrough_churn", &out);
     let r = assert_agent_pass(&out, "churn");
     eprintln!("passthrough_churn: {}", r.line);
-    assert_eq!(num(&r.fields, "cycles"), cycles, "{}", r.line);
+    assert_eq!(field_num(&r.fields, "cycles"), cycles, "{}", r.line);
     if std::env::var_os(VMM_ENV).is_none() {
         // Each cycle maps and unmaps once; the rings add a few more.
         assert_container_mirrors_domain(&out, "p0", cycles);
@@ -358,13 +345,13 @@ fn passthrough_unmap_blocked() {
     };
     let r = r.unwrap_or_else(|| panic!("no unmap-blocked result; {}", out.describe()));
     assert_eq!(r.status, "pass", "{}; {}", r.line, out.describe());
-    assert_eq!(num(&summary, "landed_bytes"), 0, "{summary:?}");
+    assert_eq!(field_num(&summary, "landed_bytes"), 0, "{summary:?}");
     // The IOMMU below refused the DMA at the unmapped IOVA (the agent's
     // DATA_IOVA), and L1's kernel says so.
     assert_l1_fault(&out, "0x80000000");
     if std::env::var_os(VMM_ENV).is_none() {
         let f = vfio_report(&out, "p0");
-        assert_eq!(num(&f, "unmaps_skipped"), 0, "{f:?}");
+        assert_eq!(field_num(&f, "unmaps_skipped"), 0, "{f:?}");
         assert_container_mirrors_domain(&out, "p0", 1);
     }
 }
@@ -383,10 +370,10 @@ fn passthrough_unmap_blocked_control() {
     // otherwise the test above could not tell a strict VMM from a broken one.
     assert_eq!(r.status, "fail", "the control passed: {}", r.line);
     assert!(
-        num(&summary, "landed_bytes") > 0,
+        field_num(&summary, "landed_bytes") > 0,
         "the control failed, but not because data landed: {summary:?} {}",
         r.line
     );
     let f = vfio_report(&out, "p0");
-    assert!(num(&f, "unmaps_skipped") > 0, "{f:?}");
+    assert!(field_num(&f, "unmaps_skipped") > 0, "{f:?}");
 }
