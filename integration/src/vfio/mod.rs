@@ -143,25 +143,41 @@ pub struct PassthroughReport {
     pub max_checked_mappings: usize,
 }
 
+/// The container's and the domain's mappings, taken together.
+struct Mirror {
+    container: Vec<(u64, u64)>,
+    /// The endpoint's domain; `None` while it is not attached.
+    domain: Option<u32>,
+    domain_maps: Vec<(u64, u64)>,
+}
+
 impl PassthroughReport {
     /// Compares the container's mappings with the domain's now (`iommu=on`
     /// only), with no request running in between; counts a mismatch.
     pub fn check(&mut self) {
-        let Some((same, n)) = self.compare() else {
+        let Some(m) = self.mirror() else {
             return;
         };
         self.checks += 1;
-        self.mismatches += u64::from(!same);
-        self.max_checked_mappings = self.max_checked_mappings.max(n);
+        self.mismatches += u64::from(m.container != m.domain_maps);
+        self.max_checked_mappings = self.max_checked_mappings.max(m.domain_maps.len());
     }
 
-    /// Whether the container holds exactly the domain's mappings, and how
-    /// many the domain has; `None` for an `iommu=off` device.
-    fn compare(&self) -> Option<(bool, usize)> {
+    /// Both sides, read under the IOMMU's lock (no request runs between
+    /// the two reads, and requests are what change the container); `None`
+    /// for an `iommu=off` device.
+    fn mirror(&self) -> Option<Mirror> {
         let (ledger, iommu) = self.translated.as_ref()?;
         Some(iommu.with_endpoint_domain(u32::from(self.guest.id()), |d| {
-            let dom = d.map(|(_, m)| m).unwrap_or_default();
-            (ledger.mappings() == dom, dom.len())
+            let (domain, domain_maps) = match d {
+                Some((dom, maps)) => (Some(dom), maps),
+                None => (None, Vec::new()),
+            };
+            Mirror {
+                container: ledger.mappings(),
+                domain,
+                domain_maps,
+            }
         }))
     }
 }
@@ -174,17 +190,10 @@ impl std::fmt::Display for PassthroughReport {
             "vfio {}: host={} guest={} bar_areas_mmapped={}",
             self.name, self.host, self.guest, self.mmapped_areas
         )?;
-        let Some((ledger, iommu)) = &self.translated else {
+        let (Some((ledger, _)), Some(m)) = (&self.translated, self.mirror()) else {
             return write!(f, " iommu=off ram_mapped_mib={}", self.ram_mapped >> 20);
         };
-        let (container, domain, domain_maps) =
-            iommu.with_endpoint_domain(u32::from(self.guest.id()), |d| {
-                let (dom, maps) = match d {
-                    Some((d, m)) => (d.to_string(), m),
-                    None => ("none".to_string(), Vec::new()),
-                };
-                (ledger.mappings(), dom, maps)
-            });
+        let domain = m.domain.map_or("none".to_string(), |d| d.to_string());
         let bytes = |v: &[(u64, u64)]| v.iter().map(|m| m.1).sum::<u64>();
         write!(
             f,
@@ -198,11 +207,11 @@ impl std::fmt::Display for PassthroughReport {
             ledger.map_errors.load(Relaxed),
             ledger.unmap_errors.load(Relaxed),
             ledger.unmaps_skipped.load(Relaxed),
-            container.len(),
-            bytes(&container) >> 10,
+            m.container.len(),
+            bytes(&m.container) >> 10,
             domain,
-            domain_maps.len(),
-            if container == domain_maps {
+            m.domain_maps.len(),
+            if m.container == m.domain_maps {
                 "yes"
             } else {
                 "no"
