@@ -34,7 +34,12 @@ const PREFILL: u64 = 1 << 40;
 const DRAIN_IOVA: u64 = 0x2_0000_0000;
 
 fn harness() -> Harness {
-    let mut h = Harness::new(IommuConfig::default());
+    let mut config = IommuConfig::default();
+    // `unmap/1000000` holds a million mappings: above the default limits,
+    // which bound what a guest can make the device hold (64 MiB).
+    config.limits.max_mappings_per_domain = 1 << 21;
+    config.limits.max_mappings_total = 1 << 21;
+    let mut h = Harness::new(config);
     h.dev.add_endpoint(EP).unwrap();
     h.dev.add_endpoint(EP + 1).unwrap();
     assert_eq!(h.attach(1, EP, 0), Some(Status::Ok));
