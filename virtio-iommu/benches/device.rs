@@ -11,7 +11,9 @@
 //!   mappings with scattered GPAs, and `vm_memory::Iotlb` over the same
 //!   entries, in the same run.
 //! - `translate/pin+release x2 threads`: two threads on two endpoints in
-//!   two domains at once; the time is per pin per thread.
+//!   two domains at once; the time is per pin per thread. `..., one
+//!   endpoint`: both threads on one endpoint (one multi-queue disk), each
+//!   in its own pin shard (the tracker gives each thread one).
 //! - `drain/reply_after_release`: from the moment another thread releases
 //!   the last pin to the reply in the used ring, with the device thread
 //!   blocked in epoll on the drain eventfd like a VMM event loop; and the

@@ -14,7 +14,7 @@ use crate::config::{IommuConfig, ReservedRegion};
 use crate::mapper::ExternalMapper;
 use crate::mapping::{MapFlags, Mapping, TreeError};
 use crate::protocol::Status;
-use crate::sync::{lock, read, write, Arc};
+use crate::sync::Arc;
 use crate::tracker::{Domain, Drain, DrainCollector, EndpointCore, Shared, VIA_GLOBAL_BYPASS};
 #[cfg(not(loom))]
 use crate::translate::EndpointHandle;
@@ -198,12 +198,7 @@ impl AddressSpace {
         let entry = self.endpoints.get_mut(&id).expect("caller checked");
         entry.domain = dom.as_ref().map(|d| d.id);
         let core = entry.core.clone();
-        {
-            let mut st = lock(&core.state);
-            st.domain = dom;
-            let keep = st.current_via();
-            EndpointCore::collect_not_via(&core, &mut st, keep, drain);
-        }
+        core.switch(dom, drain);
         #[cfg(not(loom))]
         EndpointHandle::invalidate_iotlb(&core, 0, u64::MAX);
     }
@@ -230,7 +225,7 @@ impl AddressSpace {
     }
 
     fn mapper_unmap_all(&self, mapper: &dyn ExternalMapper, dom: &Domain) -> bool {
-        let all: Vec<Mapping> = read(&dom.mappings).iter().collect();
+        let all: Vec<Mapping> = dom.mappings.read(0).iter().collect();
         self.mapper_unmap(mapper, &all)
     }
 
@@ -253,7 +248,7 @@ impl AddressSpace {
             // "After all endpoints have been successfully detached from a
             // domain, it ceases to exist": its mappings go with it.
             self.domains.remove(&dom_id);
-            let mut tree = write(&dom.mappings);
+            let mut tree = dom.mappings.write();
             self.total_mappings -= tree.len();
             tree.clear();
         }
@@ -339,7 +334,7 @@ impl AddressSpace {
 
     /// Maps all of `dom` into `mapper`, undoing the partial work on failure.
     fn mapper_map_all(&self, mapper: &dyn ExternalMapper, dom: &Domain) -> std::io::Result<()> {
-        let tree = read(&dom.mappings);
+        let tree = dom.mappings.read(0);
         let mut done = Vec::new();
         for m in tree.iter() {
             if let Err(e) = mapper.map(m.iova, m.gpa, m.size(), m.flags) {
@@ -417,7 +412,7 @@ impl AddressSpace {
         }
         let dom = d.dom.clone();
         {
-            let tree = read(&dom.mappings);
+            let tree = dom.mappings.read(0);
             if tree.overlaps(start, end) {
                 return Status::Inval;
             }
@@ -452,7 +447,7 @@ impl AddressSpace {
                 return Status::DevErr;
             }
         }
-        let inserted = write(&dom.mappings).insert(m);
+        let inserted = dom.mappings.write().insert(m);
         match inserted {
             Ok(()) => {
                 self.total_mappings += 1;
@@ -478,7 +473,7 @@ impl AddressSpace {
         removed.clear();
         {
             // Rule 2 of the tracker: remove under the write lock first...
-            let mut tree = write(&dom.mappings);
+            let mut tree = dom.mappings.write();
             if tree.check_unmap(start, end).is_err() {
                 self.removed = removed;
                 return Status::Range.into();
@@ -500,10 +495,7 @@ impl AddressSpace {
                 }
             }
             // ...then collect the pins that overlap.
-            {
-                let mut st = lock(&entry.core.state);
-                EndpointCore::collect_range(&entry.core, &mut st, dom.uid, start, end, &mut drain);
-            }
+            entry.core.collect_range(dom.uid, start, end, &mut drain);
             #[cfg(not(loom))]
             EndpointHandle::invalidate_iotlb(&entry.core, start, end);
         }
@@ -550,16 +542,8 @@ impl AddressSpace {
         let mut drain = self.new_drain();
         for e in self.endpoints.values() {
             if e.domain.is_none() {
-                let mut st = lock(&e.core.state);
-                EndpointCore::collect_range(
-                    &e.core,
-                    &mut st,
-                    VIA_GLOBAL_BYPASS,
-                    0,
-                    u64::MAX,
-                    &mut drain,
-                );
-                drop(st);
+                e.core
+                    .collect_range(VIA_GLOBAL_BYPASS, 0, u64::MAX, &mut drain);
                 #[cfg(not(loom))]
                 EndpointHandle::invalidate_iotlb(&e.core, 0, u64::MAX);
             }
@@ -587,7 +571,7 @@ impl AddressSpace {
     /// an external mapper's state with the domain's); it copies them all.
     pub fn domain_mappings(&self, domain: u32) -> Option<Vec<(u64, u64)>> {
         let d = self.domains.get(&domain)?;
-        let tree = read(&d.dom.mappings);
+        let tree = d.dom.mappings.read(0);
         Some(tree.iter().map(|m| (m.iova, m.size())).collect())
     }
 }

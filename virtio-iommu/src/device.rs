@@ -19,7 +19,7 @@ use crate::mapper::ExternalMapper;
 use crate::metrics::Metrics;
 use crate::protocol::{features::*, Range32, Range64, VirtioIommuConfig, CONFIG_BYPASS_OFFSET};
 use crate::state::{self, DomainState, EndpointState, IommuState, StateError, STATE_VERSION};
-use crate::sync::{lock, write, Arc};
+use crate::sync::Arc;
 use crate::tracker::{Domain, Drain, Shared};
 use crate::translate::EndpointHandle;
 
@@ -429,7 +429,7 @@ impl VirtioIommu {
             .map(|(&id, d)| DomainState {
                 id,
                 bypass: d.dom.bypass,
-                mappings: crate::sync::read(&d.dom.mappings).iter().collect(),
+                mappings: d.dom.mappings.read(0).iter().collect(),
             })
             .collect();
         Ok(IommuState {
@@ -479,14 +479,14 @@ impl VirtioIommu {
             let uid = self.space.next_uid();
             let dom = Arc::new(Domain::new(id, uid, bypass));
             total += tree.len();
-            *write(&dom.mappings) = tree;
+            *dom.mappings.write() = tree;
             doms.insert(id, dom);
         }
         for e in &state.endpoints {
             let entry = self.space.endpoints.get_mut(&e.id).expect("validated");
             entry.domain = e.domain;
             let dom = e.domain.map(|d| doms[&d].clone());
-            lock(&entry.core.state).domain = dom;
+            entry.core.set_domain(dom);
             if let Some(d) = e.domain {
                 self.space
                     .domains

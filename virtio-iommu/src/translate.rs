@@ -9,7 +9,7 @@ use vm_memory::iommu::IotlbIterator;
 use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::events::Fault;
-use crate::sync::{lock, read, Arc};
+use crate::sync::Arc;
 use crate::tracker::{last_byte, EndpointCore, GpaRanges, Pin, RevokeHook, Route, TranslateError};
 
 /// The per-endpoint translation handle.
@@ -19,6 +19,8 @@ use crate::tracker::{last_byte, EndpointCore, GpaRanges, Pin, RevokeHook, Route,
 #[derive(Clone)]
 pub struct EndpointHandle {
     pub(crate) core: Arc<EndpointCore>,
+    /// The pin shard this handle uses; `None`: the calling thread's.
+    shard: Option<usize>,
 }
 
 impl fmt::Debug for EndpointHandle {
@@ -33,6 +35,29 @@ impl EndpointHandle {
     /// The endpoint ID.
     pub fn id(&self) -> u32 {
         self.core.id
+    }
+
+    /// A handle to the same endpoint whose pins go to the shard of queue
+    /// `queue` ([`crate::tracker::PIN_SHARDS`] shards, queue index modulo
+    /// their number).
+    ///
+    /// Threads that pin through one endpoint at once should not share a
+    /// shard: each pin takes its shard's lock, and two CPUs passing one
+    /// lock back and forth make every pin several times slower. A plain
+    /// handle picks a shard per thread, which is right when each thread
+    /// serves its own queues; a VMM whose threads serve queues in turn
+    /// gives each queue its own handle from this call. Strictness does not
+    /// depend on the choice: an invalidation waits for the pins of every
+    /// shard.
+    pub fn on_queue(&self, queue: u16) -> EndpointHandle {
+        EndpointHandle {
+            core: self.core.clone(),
+            shard: Some(usize::from(queue) % crate::tracker::PIN_SHARDS),
+        }
+    }
+
+    fn shard_hint(&self) -> usize {
+        self.shard.unwrap_or_else(crate::tracker::thread_shard)
     }
 
     /// Reports a failed translation of `[iova, iova + len)` as a fault
@@ -77,8 +102,7 @@ impl EndpointHandle {
         access: Permissions,
     ) -> Result<GpaRanges, TranslateError> {
         self.core
-            .translate(iova, len, access, None)
-            .map(|(r, _, _)| r)
+            .translate(self.shard_hint(), iova, len, access)
             .inspect_err(|&e| self.report_fault(e, iova, len, access))
     }
 
@@ -112,10 +136,8 @@ impl EndpointHandle {
         access: Permissions,
         revoke: Option<RevokeHook>,
     ) -> Result<Pin, TranslateError> {
-        match self.core.translate(iova, len, access, Some(revoke)) {
-            Ok((ranges, slot, serial)) => {
-                Ok(Pin::new(self.core.clone(), slot, serial, iova, len, ranges))
-            }
+        match self.core.pin(self.shard_hint(), iova, len, access, revoke) {
+            Ok((ranges, at)) => Ok(Pin::new(&self.core, at, iova, len, ranges)),
             Err(e) => {
                 self.report_fault(e, iova, len, access);
                 Err(e)
@@ -137,13 +159,13 @@ impl EndpointHandle {
 
     /// Number of pins this endpoint currently holds.
     pub fn pins_in_flight(&self) -> usize {
-        lock(&self.core.state).pins.live()
+        self.core.pins_live()
     }
 
     /// Whether the endpoint currently translates (attached, or in bypass).
     pub fn is_translating(&self) -> bool {
         !matches!(
-            lock(&self.core.state).route(&self.core.shared),
+            self.core.lock_primary().route(&self.core.shared),
             Route::Blocked
         )
     }
@@ -151,7 +173,7 @@ impl EndpointHandle {
     /// Whether the endpoint currently sees identity translation.
     pub fn is_bypassed(&self) -> bool {
         matches!(
-            lock(&self.core.state).route(&self.core.shared),
+            self.core.lock_primary().route(&self.core.shared),
             Route::Identity(_)
         )
     }
@@ -179,7 +201,9 @@ impl EndpointHandle {
     /// under the domain's write lock). A range over more than
     /// `IOTLB_CAPACITY` mappings is refused before anything is filled.
     fn fill_iotlb(&self, iova: u64, last: u64, access: Permissions) -> Result<(), TranslateError> {
-        let st = lock(&self.core.state);
+        // The primary shard's lock: an attachment change updates it before
+        // it empties the IOTLB, so a fill through the old route is seen.
+        let st = self.core.lock_primary();
         match st.route(&self.core.shared) {
             Route::Blocked => Err(TranslateError::NotAttached),
             Route::Identity(_) => {
@@ -204,7 +228,7 @@ impl EndpointHandle {
                 .map_err(|_| TranslateError::BadRange)
             }
             Route::Domain(d) => {
-                let tree = read(&d.mappings);
+                let tree = d.mappings.read(0);
                 let mut found = Vec::new();
                 let mut cur = iova;
                 loop {
@@ -327,7 +351,7 @@ impl vm_memory::Iommu for EndpointHandle {
 /// Endpoint operations shared with the address space.
 impl EndpointHandle {
     pub(crate) fn new(core: Arc<EndpointCore>) -> Self {
-        EndpointHandle { core }
+        EndpointHandle { core, shard: None }
     }
 
     /// Clears the IOTLB entries of `[start, end]` (called after removal).

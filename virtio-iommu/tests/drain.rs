@@ -131,6 +131,73 @@ fn attach_moving_the_endpoint_waits_for_its_pins() {
     assert_eq!(h.posted_status(0), Status::Ok as u8);
 }
 
+/// One pin in every shard of the endpoint (one handle per queue), each
+/// over 0x8000; `PIN_SHARDS` is at most 8.
+fn pin_every_shard(h: &Harness) -> Vec<Pin> {
+    let ep = h.dev.endpoint(EP).unwrap();
+    (0..8u16)
+        .map(|q| ep.on_queue(q).pin(0x8000, 16, Permissions::Write).unwrap())
+        .collect()
+}
+
+#[test]
+fn invalidations_wait_for_the_pins_of_every_shard() {
+    // UNMAP, DETACH and ATTACH-move: each pin (one per shard) released on
+    // its own keeps the reply back until the last one.
+    for (kind, body) in [
+        (req_type::UNMAP, unmap_body(1, 0x8000, 0x8fff)),
+        (req_type::DETACH, detach_body(1, EP)),
+        (req_type::ATTACH, attach_body(2, EP, 0)),
+    ] {
+        let mut h = setup();
+        let mut pins = pin_every_shard(&h);
+        h.post(0, kind, &body);
+        assert!(!process(&mut h));
+        // Released last-shard first: the primary's pin goes last.
+        while let Some(p) = pins.pop() {
+            assert!(!process(&mut h), "request {kind} replied with pins held");
+            drop(p);
+        }
+        assert!(process(&mut h), "request {kind}");
+        assert_eq!(h.posted_status(0), Status::Ok as u8);
+    }
+}
+
+#[test]
+fn the_pin_limit_is_the_endpoints_whatever_the_shards() {
+    let mut h = Harness::new(IommuConfig {
+        limits: virtio_iommu::Limits {
+            max_pins_per_endpoint: 10,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    h.dev.add_endpoint(EP).unwrap();
+    assert_eq!(h.attach(1, EP, 0), Some(Status::Ok));
+    assert_eq!(h.map(1, 0x1000, 0x1fff, 0x10_000, RW), Some(Status::Ok));
+    let ep = h.dev.endpoint(EP).unwrap();
+    // One queue's handle reaches the whole limit (its shard's share first,
+    // then the other shards'), and not one pin more, from any queue.
+    let held: Vec<Pin> = (0..10)
+        .map(|_| ep.on_queue(0).pin(0x1000, 8, Permissions::Read).unwrap())
+        .collect();
+    assert_eq!(ep.pins_in_flight(), 10);
+    for q in 0..8u16 {
+        assert_eq!(
+            ep.on_queue(q).pin(0x1000, 8, Permissions::Read).unwrap_err(),
+            virtio_iommu::TranslateError::TooManyPins
+        );
+    }
+    // A range that does not translate is reported as such, not as a limit.
+    assert_eq!(
+        ep.pin(0x5000, 8, Permissions::Read).unwrap_err(),
+        virtio_iommu::TranslateError::NotMapped(0x5000)
+    );
+    drop(held);
+    assert_eq!(ep.pins_in_flight(), 0);
+    assert!(ep.on_queue(3).pin(0x1000, 8, Permissions::Read).is_ok());
+}
+
 #[test]
 fn pins_of_other_endpoints_in_the_domain_are_waited_for_on_unmap() {
     let mut h = setup();

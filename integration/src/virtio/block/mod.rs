@@ -231,7 +231,9 @@ impl Block {
                 backend: self.backend.clone(),
                 phys: self.phys.clone(),
                 rings,
-                endpoint: self.endpoint.clone(),
+                // Each queue pins through a shard of its own: queues served
+                // by different threads do not share the endpoint's lock.
+                endpoint: self.endpoint.as_ref().map(|e| e.on_queue(queue.index)),
                 queue: Mutex::new(queue.queue),
                 interrupt: interrupt.clone(),
                 stopping: stopping.clone(),
