@@ -184,7 +184,9 @@ fn the_pin_limit_is_the_endpoints_whatever_the_shards() {
     assert_eq!(ep.pins_in_flight(), 10);
     for q in 0..8u16 {
         assert_eq!(
-            ep.on_queue(q).pin(0x1000, 8, Permissions::Read).unwrap_err(),
+            ep.on_queue(q)
+                .pin(0x1000, 8, Permissions::Read)
+                .unwrap_err(),
             virtio_iommu::TranslateError::TooManyPins
         );
     }

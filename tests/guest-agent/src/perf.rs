@@ -17,6 +17,12 @@
 //! depth N; `qd<N>_iops=`), and `seq1m_s=S` reads the disk sequentially in
 //! 1 MiB requests for S seconds (`seq1m_mbps=`).
 //!
+//! VMM CPU (`cpu_marks=1`, not with `pair`): each measured stretch (the
+//! timed operations of a phase, the QD and sequential runs) is bracketed
+//! by `AGENT-MARK name=<metric> edge=start|end ops=<operations>` lines,
+//! each followed by a 50 ms pause; L1, watching the console, answers each
+//! with the VMM's CPU time (guest-perf's `--cpu`).
+//!
 //! Paired (`pair=<id>`): a second disk, which must be outside the IOMMU,
 //! takes every other operation with the same offsets, so that one boot
 //! measures both sides under the same conditions; its fields carry an
@@ -121,13 +127,26 @@ struct Phase<'a> {
     targets: Vec<Target<'a>>,
     warmup: u64,
     budget: Duration,
+    /// Print CPU marks around the timed operations (one target only).
+    marks: bool,
+}
+
+/// Marks the start or end of a measured stretch for L1 (see the module
+/// documentation); the pause lets L1 read the VMM's CPU time while the
+/// guest is idle, so the stretch's I/O falls inside the two readings.
+fn cpu_mark(on: bool, name: &str, edge: &str, ops: u64) {
+    if on {
+        println!("AGENT-MARK name={name} edge={edge} ops={ops}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Phase<'_> {
     /// Runs `warmup + n` operations on every target, round-robin, each
     /// target drawing offsets from its own copy of `rng` (the same offsets
     /// on every target); returns one latency set per target.
-    fn run(&self, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Vec<Lat>> {
+    fn run(&self, name: &str, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Vec<Lat>> {
+        let marks = self.marks && self.targets.len() == 1;
         let mut buf = Aligned::new(len);
         if op == Op::Write {
             // Non-zero data, so the backing file really gets written.
@@ -139,6 +158,9 @@ impl Phase<'_> {
         let mut lats: Vec<Lat> = self.targets.iter().map(|_| Lat::default()).collect();
         let start = Instant::now();
         'ops: for i in 0..self.warmup + n {
+            if i == self.warmup {
+                cpu_mark(marks, name, "start", 0);
+            }
             for (k, t) in self.targets.iter().enumerate() {
                 let off = random_offset(&mut rngs[k], t.size, len as u64);
                 let b = buf.as_mut();
@@ -162,14 +184,15 @@ impl Phase<'_> {
                 break 'ops;
             }
         }
+        cpu_mark(marks, name, "end", lats[0].ns.len() as u64);
         *rng = rngs.swap_remove(0);
         Ok(lats)
     }
 }
 
 /// `threads` threads of random 4 KiB reads on `f` for `secs`; returns the
-/// reads per second.
-fn random_reads_iops(f: &fs::File, size: u64, threads: u64, secs: u64, seed: u64) -> Res<f64> {
+/// number of reads and the seconds they took.
+fn random_reads(f: &fs::File, size: u64, threads: u64, secs: u64, seed: u64) -> Res<(u64, f64)> {
     let budget = Duration::from_secs(secs.max(1));
     let t = Instant::now();
     let counts: Vec<Res<u64>> = std::thread::scope(|sc| {
@@ -197,12 +220,12 @@ fn random_reads_iops(f: &fs::File, size: u64, threads: u64, secs: u64, seed: u64
     for c in counts {
         total += c?;
     }
-    Ok(total as f64 / t.elapsed().as_secs_f64())
+    Ok((total, t.elapsed().as_secs_f64()))
 }
 
 /// Sequential 1 MiB reads of `f` (wrapping at its end) for `secs`;
-/// returns MB/s (10^6 bytes).
-fn sequential_mbps(f: &fs::File, size: u64, secs: u64) -> Res<f64> {
+/// returns the number of reads and the seconds they took.
+fn sequential_reads(f: &fs::File, size: u64, secs: u64) -> Res<(u64, f64)> {
     let len = 1u64 << 20;
     let mut buf = Aligned::new(len as usize);
     let budget = Duration::from_secs(secs.max(1));
@@ -218,7 +241,7 @@ fn sequential_mbps(f: &fs::File, size: u64, secs: u64) -> Res<f64> {
         off += len;
         bytes += len;
     }
-    Ok(bytes as f64 / 1e6 / t.elapsed().as_secs_f64())
+    Ok((bytes / len, t.elapsed().as_secs_f64()))
 }
 
 pub fn perf(p: &Params) -> Res<String> {
@@ -283,15 +306,23 @@ pub fn perf(p: &Params) -> Res<String> {
         targets,
         warmup: p.num("warmup", 16),
         budget: Duration::from_secs(p.num("max_s", 60)),
+        marks: p.num("cpu_marks", 0) != 0,
     };
+    let marks = ph.marks && pair.is_none();
     let mut rng = Rng::new(p.num("seed", 1));
     let t = Instant::now();
     phase("perf: read4k", 0);
-    let r4 = ph.run(Op::Read, PAGE, p.num("n4k", 1000), &mut rng)?;
+    let r4 = ph.run("read4k", Op::Read, PAGE, p.num("n4k", 1000), &mut rng)?;
     phase("perf: read256k", 0);
-    let r256 = ph.run(Op::Read, 256 << 10, p.num("n256k", 100), &mut rng)?;
+    let r256 = ph.run(
+        "read256k",
+        Op::Read,
+        256 << 10,
+        p.num("n256k", 100),
+        &mut rng,
+    )?;
     phase("perf: write4k", 0);
-    let w4 = ph.run(Op::Write, PAGE, p.num("nw4k", 500), &mut rng)?;
+    let w4 = ph.run("write4k", Op::Write, PAGE, p.num("nw4k", 500), &mut rng)?;
     let fields = |k: usize, prefix: &str| {
         format!(
             "{} {} {}",
@@ -308,13 +339,19 @@ pub fn perf(p: &Params) -> Res<String> {
     let qd = p.num("qd", 0);
     if qd > 0 && pair.is_none() {
         phase("perf: qd", qd);
-        let iops = random_reads_iops(&f, disk.size, qd, p.num("qd_s", 10), p.num("seed", 1))?;
-        throughput.push_str(&format!(" qd{qd}_iops={iops:.0}"));
+        let name = format!("qd{qd}");
+        cpu_mark(marks, &name, "start", 0);
+        let (reads, secs) = random_reads(&f, disk.size, qd, p.num("qd_s", 10), p.num("seed", 1))?;
+        cpu_mark(marks, &name, "end", reads);
+        throughput.push_str(&format!(" qd{qd}_iops={:.0}", reads as f64 / secs));
     }
     let seq_s = p.num("seq1m_s", 0);
     if seq_s > 0 && pair.is_none() {
         phase("perf: seq1m", 0);
-        let mbps = sequential_mbps(&f, disk.size, seq_s)?;
+        cpu_mark(marks, "seq1m", "start", 0);
+        let (reads, secs) = sequential_reads(&f, disk.size, seq_s)?;
+        cpu_mark(marks, "seq1m", "end", reads);
+        let mbps = (reads << 20) as f64 / 1e6 / secs;
         throughput.push_str(&format!(" seq1m_mbps={mbps:.1}"));
     }
     Ok(format!(

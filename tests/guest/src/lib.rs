@@ -270,6 +270,12 @@ pub struct Scenario {
     /// and thread count (`L1-VMM-STAT uptime=S VmRSS=KIB Threads=N`;
     /// see [`Outcome::vmm_stats`]).
     pub vmm_stats_every: Option<Duration>,
+    /// Nested route: L1 reads the guest's output as the VMM writes it,
+    /// and at every `AGENT-MARK ...` line prints the VMM's CPU time so
+    /// far, all threads (`L1-CPU utime=TICKS stime=TICKS ...`; see
+    /// [`Outcome::vmm_cpu_marks`]). Any VMM: the figures come from
+    /// `/proc/<pid>/stat` in L1.
+    pub vmm_cpu_marks: bool,
     /// L2 uses the IOMMU in strict mode (`iommu.strict=1`: every unmap is
     /// sent and waited for at once); `false` gives the lazy mode
     /// (`iommu.strict=0`: unmaps batched through a flush queue).
@@ -293,6 +299,7 @@ impl Scenario {
             run_timeout: Duration::from_secs(60),
             vmm_args: Vec::new(),
             vmm_stats_every: None,
+            vmm_cpu_marks: false,
             strict: true,
             l1_prelude: String::new(),
         }
@@ -419,6 +426,23 @@ impl Outcome {
                 )
             });
         parse_kv(&line)
+    }
+
+    /// The VMM's CPU time at each mark (see [`Scenario::vmm_cpu_marks`]):
+    /// for every `L1-CPU utime=U stime=S name=N edge=E ops=K` line, its
+    /// fields, with `cpu_ticks` = U + S (clock ticks of 10 ms: USER_HZ is
+    /// 100 on x86).
+    pub fn vmm_cpu_marks(&self) -> Vec<HashMap<String, String>> {
+        self.lines_with("L1-CPU ")
+            .into_iter()
+            .filter_map(|l| {
+                let mut kv = parse_kv(&l);
+                let u: u64 = kv.get("utime")?.parse().ok()?;
+                let s: u64 = kv.get("stime")?.parse().ok()?;
+                kv.insert("cpu_ticks".into(), (u + s).to_string());
+                Some(kv)
+            })
+            .collect()
     }
 
     /// The VMM's samples from `L1-VMM-STAT` lines (see
@@ -879,12 +903,28 @@ impl Bed {
                         every.as_secs().max(1)
                     ));
                 }
+                let run = if s.vmm_cpu_marks {
+                    // The VMM's output through a reader that answers each
+                    // mark with the VMM's CPU ticks (fields 14 and 15 of
+                    // its stat) at that moment; the exit status goes
+                    // through a file (the pipeline's is the reader's).
+                    format!(
+                        "( {} 2>&1; echo $? > /tmp/vmm-rc ) | while IFS= read -r l; do\n\
+                         case \"$l\" in *AGENT-MARK*) \
+                         set -- $(cut -d' ' -f14,15 /proc/$(pidof vmm)/stat 2>/dev/null); \
+                         echo \"L1-CPU utime=$1 stime=$2 ${{l#*AGENT-MARK }}\";; esac\n\
+                         printf '%s\\n' \"$l\"\n\
+                         done\n\
+                         rc=$(cat /tmp/vmm-rc)",
+                        vmm(secs)
+                    )
+                } else {
+                    format!("{}\nrc=$?", vmm(secs))
+                };
                 script.push_str(&format!(
                     "echo \"L1-VMM start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
-                     {}\n\
-                     rc=$?\n\
-                     echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
-                    vmm(secs)
+                     {run}\n\
+                     echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n"
                 ));
             }
             let initrd = work.join("l1-initrd.cpio");
