@@ -66,12 +66,15 @@ pub struct Args {
     /// adapts between 50 µs and N to the guest's gaps between bursts (0:
     /// no polling, requests are served inline on the notifying vCPU).
     /// Default 10000. idle_poll=on|off: poll a quiet queue at SCHED_IDLE
-    /// priority (default off). drain=off: UNSAFE control mode, reply to
+    /// priority (default off). inline_first=on|off: a kick exits to the
+    /// vCPU, which serves the queue before it wakes the poller, and the
+    /// vCPUs serve everything while the poller keeps losing its CPU (a
+    /// busy host; default on). drain=off: UNSAFE control mode, reply to
     /// UNMAP/DETACH/ATTACH without waiting for in-flight DMA and never
     /// revoke cached ring translations, as upstream VMMs do (default on).
     #[arg(
         long,
-        value_name = "poll_us=N[,idle_poll=on|off][,drain=on|off]",
+        value_name = "poll_us=N[,idle_poll=on|off][,inline_first=on|off][,drain=on|off]",
         default_value = "poll_us=10000"
     )]
     pub iommu: String,
@@ -248,6 +251,9 @@ pub struct IommuOptions {
     pub poll: std::time::Duration,
     /// Poll a quiet queue at idle priority (`idle_poll=`).
     pub idle_poll: bool,
+    /// Serve each kick on its vCPU before waking the poller, and stop
+    /// polling while the poller keeps losing its CPU (`inline_first=`).
+    pub inline_first: bool,
     /// Invalidations wait for in-flight DMA (`drain=`, default on; off is
     /// the unsafe upstream-like control mode).
     pub drain: bool,
@@ -258,6 +264,7 @@ impl Default for IommuOptions {
         IommuOptions {
             poll: crate::virtio::iommu::DEFAULT_POLL,
             idle_poll: false,
+            inline_first: true,
             drain: true,
         }
     }
@@ -572,7 +579,11 @@ pub fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
 /// Parses `--iommu`.
 pub fn parse_iommu(s: &str) -> Result<IommuOptions, ConfigError> {
     let mut o = IommuOptions::default();
-    for (k, v) in split_kv("iommu", s, &["poll_us", "idle_poll", "drain"])? {
+    for (k, v) in split_kv(
+        "iommu",
+        s,
+        &["poll_us", "idle_poll", "inline_first", "drain"],
+    )? {
         match k {
             "poll_us" => {
                 let us: u64 = v
@@ -583,6 +594,7 @@ pub fn parse_iommu(s: &str) -> Result<IommuOptions, ConfigError> {
                 o.poll = std::time::Duration::from_micros(us);
             }
             "idle_poll" => o.idle_poll = parse_on_off("iommu", k, v)?,
+            "inline_first" => o.inline_first = parse_on_off("iommu", k, v)?,
             "drain" => o.drain = parse_on_off("iommu", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
@@ -846,6 +858,7 @@ mod tests {
             Ok(IommuOptions {
                 poll,
                 idle_poll,
+                inline_first: true,
                 drain,
             })
         };
@@ -860,6 +873,7 @@ mod tests {
             parse_iommu("drain=off"),
             o(crate::virtio::iommu::DEFAULT_POLL, false, false)
         );
+        assert!(!parse_iommu("inline_first=off").unwrap().inline_first);
         assert!(parse_iommu("drain=no").is_err());
         assert!(parse_iommu("idle_poll=maybe").is_err());
         assert!(parse_iommu("poll_us=-1").is_err());

@@ -193,6 +193,7 @@ fn new_iommu(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Iommu, String> {
     )
     .map_err(|e| format!("virtio-iommu: {e}"))?;
     iommu.set_idle_poll(cfg.iommu.idle_poll);
+    iommu.set_inline_first(cfg.iommu.inline_first);
     Ok(iommu)
 }
 

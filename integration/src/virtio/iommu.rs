@@ -21,6 +21,11 @@
 //!   threads never queue behind it.
 //! - **Inline** (`poll` = 0): the notify write exits to the vCPU thread that
 //!   made it ([`NotifyMode::Inline`]), which runs the queue right there.
+//! - **Inline first** (`inline_first`, with polling): the kick exits to the
+//!   vCPU, which serves the queue itself and then wakes the poller for the
+//!   rest of the burst, unless the poller has been losing its CPU (a busy
+//!   host: see [`super::poll_health`]); then every request is served
+//!   inline until a later probe finds the poller running again.
 //!
 //! A request that must wait for in-flight DMA is parked by the crate; the
 //! poller (or the vCPU, for a short budget) keeps checking its drain, and
@@ -40,6 +45,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::idle_poll::IdlePoller;
+use super::poll_health::{PollHealth, PreemptionDetector};
 use super::{lock, ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrupt};
 
 /// Virtio device type of the IOMMU.
@@ -163,6 +169,12 @@ pub struct Iommu {
     metrics: Arc<Metrics>,
     poll: Duration,
     idle_poll: bool,
+    /// Kicks exit to the vCPU, which serves first (see the module docs).
+    inline_first: bool,
+    /// Whether the poller has its CPU (inline first only).
+    health: Arc<PollHealth>,
+    /// Wakes the poller after an inline kick (inline first only).
+    poll_wake: Option<EventFd>,
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -196,6 +208,9 @@ impl Iommu {
             metrics,
             poll,
             idle_poll: false,
+            inline_first: false,
+            health: PollHealth::new(),
+            poll_wake: None,
             stop: None,
             thread: None,
         })
@@ -239,6 +254,14 @@ impl Iommu {
     /// off; see [`IdlePoller`]). Takes effect at the next activation.
     pub fn set_idle_poll(&mut self, on: bool) {
         self.idle_poll = on;
+    }
+
+    /// Whether kicks exit to the vCPU, which serves the queue before it
+    /// wakes the poller (off unless set; the command line's
+    /// `inline_first` defaults to on; see the module documentation). Has
+    /// no effect without polling. Takes effect at the next activation.
+    pub fn set_inline_first(&mut self, on: bool) {
+        self.inline_first = on;
     }
 
     /// The device's counters.
@@ -360,7 +383,13 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
             }
         }
         if serve {
-            serve_requests(&inner, &mem, &mut kicks.window, &mut idle);
+            serve_requests(
+                &inner,
+                &mem,
+                &mut kicks.window,
+                &mut idle,
+                kicks.preemption.as_mut(),
+            );
         }
         let mut g = lock(&inner);
         let now = Instant::now();
@@ -394,6 +423,8 @@ struct Kicks {
     window: PollWindow,
     /// Poll a quiet queue at idle priority.
     idle_poll: bool,
+    /// Inline first: stop polling when the poller keeps losing its CPU.
+    preemption: Option<PreemptionDetector>,
 }
 
 /// How long the device thread keeps polling the request ring after its
@@ -481,16 +512,37 @@ fn serve_requests(
     mem: &GuestMemoryMmap,
     window: &mut PollWindow,
     idle: &mut IdlePoller,
+    mut preemption: Option<&mut PreemptionDetector>,
 ) {
-    if !window.enabled() {
+    let start = Instant::now();
+    if !window.enabled()
+        || preemption
+            .as_ref()
+            .is_some_and(|p| !p.polling_allowed(start))
+    {
         lock(inner).run_requests(mem);
         return;
     }
+    if let Some(p) = preemption.as_mut() {
+        p.start(start);
+    }
     lock(inner).request_kicks(mem, false);
-    let mut last_activity = Instant::now();
+    let mut last_activity = start;
     loop {
         let served = lock(inner).run_requests(mem);
         let now = Instant::now();
+        if preemption.as_mut().is_some_and(|p| p.looked(now)) {
+            // The poller keeps losing its CPU: kicks back on, and the
+            // vCPUs serve inline until the backoff ends.
+            report_backoff();
+            let missed = lock(inner).request_kicks(mem, true);
+            if missed {
+                lock(inner).run_requests(mem);
+            }
+            window.slept(now);
+            idle.leave_idle();
+            return;
+        }
         if served {
             trace_served(inner);
             idle.served();
@@ -516,6 +568,21 @@ fn serve_requests(
         }
         idle.beat();
         std::hint::spin_loop();
+    }
+}
+
+/// Says that polling backed off, at the 1st, 2nd, 4th, ... time (a busy
+/// host can make it happen often).
+fn report_backoff() {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static BACKOFFS: AtomicU64 = AtomicU64::new(0);
+    let n = BACKOFFS.fetch_add(1, Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::info!(
+            "virtio-iommu: the poller lost its CPU for more than half of {} ms of polling \
+             ({n} backoffs so far): requests are served inline on the vCPUs for a while",
+            super::poll_health::EVAL_PERIOD.as_millis()
+        );
     }
 }
 
@@ -565,7 +632,7 @@ impl VirtioDevice for Iommu {
     }
 
     fn notify_mode(&self) -> NotifyMode {
-        if self.poll.is_zero() {
+        if self.poll.is_zero() || self.inline_first {
             NotifyMode::Inline
         } else {
             NotifyMode::EventFd
@@ -578,19 +645,31 @@ impl VirtioDevice for Iommu {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.stop_thread();
+        let inline_first = self.inline_first && !self.poll.is_zero();
         let mut kicks = Kicks {
             requests: None,
             events: None,
             window: PollWindow::new(self.poll),
             idle_poll: self.idle_poll,
+            preemption: inline_first.then(|| PreemptionDetector::new(self.health.clone())),
         };
+        self.poll_wake = None;
+        if inline_first {
+            // The vCPU's kick, passed on to the poller after the vCPU has
+            // served (`queue_notify`).
+            let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| ActivateError(e.to_string()))?;
+            kicks.requests = Some(wake.try_clone().map_err(|e| ActivateError(e.to_string()))?);
+            self.poll_wake = Some(wake);
+        }
         {
             let mut g = lock(&self.inner);
             for q in queues {
                 match q.index {
                     REQUEST_QUEUE => {
                         g.requests = Some(q.queue);
-                        kicks.requests = q.notify;
+                        if q.notify.is_some() {
+                            kicks.requests = q.notify;
+                        }
                     }
                     EVENT_QUEUE => {
                         g.events = Some(q.queue);
@@ -630,6 +709,14 @@ impl VirtioDevice for Iommu {
                 // thread.
                 if g.dev.parked_drain().is_some() && g.dev.poll_parked(INLINE_DRAIN_BUDGET) {
                     g.run_requests(&self.mem);
+                }
+                drop(g);
+                // Inline first: the poller takes the rest of the burst,
+                // unless it has been losing its CPU.
+                if let Some(w) = &self.poll_wake {
+                    if self.health.polling_allowed(Instant::now()) {
+                        let _ = w.write(1);
+                    }
                 }
             }
             EVENT_QUEUE => g.run_events(&self.mem),

@@ -15,6 +15,7 @@ pub mod block;
 pub mod idle_poll;
 pub mod iommu;
 pub mod pci;
+pub mod poll_health;
 
 /// Locks `m`, taking over a lock poisoned by a panicking holder: that panic
 /// already ended the VMM's usefulness; keep serving rather than poisoning
