@@ -424,7 +424,7 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
     ])
 }
 
-/// USER_HZ: the unit of the utime and stime fields of /proc/<pid>/stat
+/// USER_HZ: the unit of the utime and stime fields of `/proc/<pid>/stat`
 /// (100 on x86 whatever the kernel's HZ).
 const TICK_US: f64 = 10_000.0;
 
