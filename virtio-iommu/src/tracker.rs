@@ -9,7 +9,7 @@
 //! one multi-queue disk) use different shards, so they do not pass one
 //! lock between their CPUs on every pin. The protocol has three rules:
 //!
-//! 1. *Lookup-then-pin is one critical section.* `EndpointCore::translate`
+//! 1. *Lookup-then-pin is one critical section.* `EndpointCore::pin`
 //!    holds one shard's lock while it reads that shard's attachment, looks
 //!    the range up in the domain's mapping tree (under the domain's read
 //!    lock) and inserts the pin record into that shard's table.
