@@ -531,10 +531,13 @@ fn serve_requests(
     loop {
         let served = lock(inner).run_requests(mem);
         let now = Instant::now();
-        if preemption.as_mut().is_some_and(|p| p.looked(now)) {
+        let backed_off = preemption
+            .as_mut()
+            .and_then(|p| p.looked(now).then(|| p.backoffs()));
+        if let Some(n) = backed_off {
             // The poller keeps losing its CPU: kicks back on, and the
             // vCPUs serve inline until the backoff ends.
-            report_backoff();
+            report_backoff(n);
             let missed = lock(inner).request_kicks(mem, true);
             if missed {
                 lock(inner).run_requests(mem);
@@ -573,10 +576,7 @@ fn serve_requests(
 
 /// Says that polling backed off, at the 1st, 2nd, 4th, ... time (a busy
 /// host can make it happen often).
-fn report_backoff() {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static BACKOFFS: AtomicU64 = AtomicU64::new(0);
-    let n = BACKOFFS.fetch_add(1, Relaxed) + 1;
+fn report_backoff(n: u64) {
     if n.is_power_of_two() {
         log::info!(
             "virtio-iommu: the poller lost its CPU for more than half of {} ms of polling \

@@ -109,6 +109,11 @@ impl PreemptionDetector {
         }
     }
 
+    /// Backoffs this device's poller has started so far.
+    pub fn backoffs(&self) -> u64 {
+        self.health.backoffs()
+    }
+
     /// Whether polling is allowed at `now` (the poller may have been woken
     /// just before a backoff started).
     pub fn polling_allowed(&self, now: Instant) -> bool {
