@@ -47,7 +47,7 @@ impl Fuzz {
             .filter(|b| b.write)
             .map(|b| u64::from(b.len))
             .sum();
-        let Some(head) = self.w.req.add(&self.w.mem, bufs) else {
+        let Some(head) = self.w.add_req(bufs) else {
             return; // descriptor table full behind a parked request
         };
         self.writable[usize::from(head)] = writable;
@@ -59,7 +59,7 @@ impl Fuzz {
             .dev
             .process_requests(&mut self.w.reqq, &self.w.mem)
             .unwrap();
-        while let Some((head, used)) = self.w.req.pop_used(&self.w.mem) {
+        while let Some((head, used)) = self.w.pop_req() {
             let w = self.writable[usize::from(head)];
             assert!(u64::from(used) <= w, "used {used} > writable {w}");
         }
@@ -156,19 +156,16 @@ impl Fuzz {
             }
             5 => {
                 let len = u32::from(input.u8()?);
-                let _ = self.w.ev.add(
-                    &self.w.mem,
-                    &[Buf {
-                        addr: GuestAddress(BUF_BASE + 0xf000),
-                        len,
-                        write: true,
-                    }],
-                );
+                let _ = self.w.add_ev(&[Buf {
+                    addr: GuestAddress(BUF_BASE + 0xf000),
+                    len,
+                    write: true,
+                }]);
                 self.w
                     .dev
                     .process_events(&mut self.w.evq, &self.w.mem)
                     .unwrap();
-                while self.w.ev.pop_used(&self.w.mem).is_some() {}
+                while self.w.pop_ev().is_some() {}
             }
             6 => {
                 if let Ok(state) = self.w.dev.snapshot() {

@@ -291,9 +291,9 @@ impl Fuzz {
         self.slot += 1;
         self.w.post(slot, req.bytes()).expect("queue has room");
         self.w.process();
-        let (_, len) = self.w.req.pop_used(&self.w.mem).expect("a reply");
+        let (_, len) = self.w.pop_req().expect("a reply");
         assert_eq!(len, 4);
-        assert!(self.w.req.pop_used(&self.w.mem).is_none());
+        assert!(self.w.pop_req().is_none());
         self.w.status(slot)
     }
 

@@ -574,7 +574,7 @@ impl Fuzz {
     /// Runs the request queue and applies the replies to the model.
     fn process(&mut self) {
         self.w.process();
-        while let Some((head, len)) = self.w.req.pop_used(&self.w.mem) {
+        while let Some((head, len)) = self.w.pop_req() {
             let p = self
                 .pending
                 .pop_front()
