@@ -116,6 +116,8 @@ impl Input<'_> {
 pub const REQ_QUEUE: u64 = 0;
 /// Guest address of the event queue (64 entries).
 pub const EV_QUEUE: u64 = 0x8000;
+/// End of both queues' rings (the event queue's used ring ends before it).
+pub const RINGS_END: u64 = EV_QUEUE + 0x2000;
 /// First guest address of the request slots of [`World::post`].
 pub const SLOTS: u64 = BUF_BASE + 0x2_0000;
 /// Number of request slots.
@@ -340,6 +342,11 @@ impl World {
                 Driver::new(&mem, EV_QUEUE, 64),
             )
         };
+        assert!(
+            REQ_QUEUE + req.footprint as u64 <= EV_QUEUE
+                && EV_QUEUE + ev.footprint as u64 <= RINGS_END,
+            "the rings fit where overlaps_harness expects them"
+        );
         let mut w = World {
             reqq: req.queue(),
             evq: ev.queue(),
@@ -439,6 +446,14 @@ impl World {
                 write: true,
             },
         ])
+    }
+
+    /// Whether `[addr, addr + len)` overlaps what the harness keeps in
+    /// guest memory for itself: both queues' rings and the request slots.
+    pub fn overlaps_harness(addr: u64, len: u32) -> bool {
+        let end = addr.saturating_add(u64::from(len));
+        let overlaps = |from: u64, to: u64| addr < to && from < end;
+        overlaps(REQ_QUEUE, RINGS_END) || overlaps(SLOTS, BUF_END)
     }
 
     /// Where the tail of slot `slot`'s request is.
