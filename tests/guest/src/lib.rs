@@ -483,6 +483,15 @@ impl Outcome {
                 .any(|l| l.contains("] Oops:") || l.contains("] Kernel panic - not syncing"))
     }
 
+    /// Nested route: QEMU exited on its own (L1 reset or powered off: a
+    /// triple fault of L1 ends QEMU, which runs it with `-no-reboot`)
+    /// before L1 reported the VMM's end, without an oops in the log. No
+    /// VMM can cause this: it runs as a process inside L1, which would
+    /// still report its exit.
+    pub fn l1_died(&self) -> bool {
+        self.route == Route::Nested && !self.timed_out && self.vmm_exit().is_none()
+    }
+
     /// Nested route: the run hit the hard timeout without L1 reporting
     /// the VMM's end. L1 stops the VMM itself (SIGTERM, then SIGKILL) at
     /// least 15 s before that timeout and reports it, so a VMM that hangs
@@ -685,6 +694,8 @@ impl Bed {
                         "L1 kernel oops"
                     } else if out.l1_frozen() {
                         "L1 froze: its own timeout never ended the VMM"
+                    } else if out.l1_died() {
+                        "L1 ended (reset or power-off) before reporting the VMM's end"
                     } else if out.l2_lost(&s.name) {
                         "L2 died without a result (triple fault, or hung until L1 killed the VMM)"
                     } else {
@@ -1681,6 +1692,10 @@ mod tests {
         assert!(timed_out(&["AGENT-START scenario=perf"]).l1_frozen());
         assert!(!timed_out(&["AGENT-START", "L1-RESULT vmm_exit=137"]).l1_frozen());
         assert!(!mk(&["AGENT-START scenario=perf"]).l1_frozen());
+        // QEMU ended on its own before L1 reported the VMM's end.
+        assert!(mk(&["AGENT-START scenario=soak", "L1-VMM-STAT uptime=49"]).l1_died());
+        assert!(!mk(&["AGENT-START", "L1-RESULT vmm_exit=0"]).l1_died());
+        assert!(!timed_out(&["AGENT-START scenario=soak"]).l1_died());
         let died = mk(&[
             "AGENT-START scenario=churn",
             "Reset(\"triple fault (KVM_EXIT_SHUTDOWN)\")",
