@@ -116,7 +116,7 @@ impl Fuzz {
                 }
                 self.clobbered |= bufs[..n]
                     .iter()
-                    .any(|b| b.write && World::overlaps_harness(b.addr.0, b.len));
+                    .any(|b| b.write && self.w.overlaps_harness(b.addr.0, b.len));
                 self.submit(&bufs[..n]);
             }
             1 => {

@@ -116,8 +116,6 @@ impl Input<'_> {
 pub const REQ_QUEUE: u64 = 0;
 /// Guest address of the event queue (64 entries).
 pub const EV_QUEUE: u64 = 0x8000;
-/// End of both queues' rings (the event queue's used ring ends before it).
-pub const RINGS_END: u64 = EV_QUEUE + 0x2000;
 /// First guest address of the request slots of [`World::post`].
 pub const SLOTS: u64 = BUF_BASE + 0x2_0000;
 /// Number of request slots.
@@ -343,9 +341,8 @@ impl World {
             )
         };
         assert!(
-            REQ_QUEUE + req.footprint as u64 <= EV_QUEUE
-                && EV_QUEUE + ev.footprint as u64 <= RINGS_END,
-            "the rings fit where overlaps_harness expects them"
+            REQ_QUEUE + req.footprint as u64 <= EV_QUEUE,
+            "the request queue's rings end before the event queue's"
         );
         let mut w = World {
             reqq: req.queue(),
@@ -450,10 +447,13 @@ impl World {
 
     /// Whether `[addr, addr + len)` overlaps what the harness keeps in
     /// guest memory for itself: both queues' rings and the request slots.
-    pub fn overlaps_harness(addr: u64, len: u32) -> bool {
+    pub fn overlaps_harness(&self, addr: u64, len: u32) -> bool {
         let end = addr.saturating_add(u64::from(len));
         let overlaps = |from: u64, to: u64| addr < to && from < end;
-        overlaps(REQ_QUEUE, RINGS_END) || overlaps(SLOTS, BUF_END)
+        [&self.req, &self.ev]
+            .iter()
+            .any(|d| overlaps(d.desc_gpa, d.desc_gpa + d.footprint as u64))
+            || overlaps(SLOTS, BUF_END)
     }
 
     /// Where the tail of slot `slot`'s request is.
