@@ -375,3 +375,57 @@ fn accesses_outside_the_areas_are_checked_like_pins() {
     assert!(!mem.check_range(GuestAddress(u64::MAX - 15), 256, Permissions::Read));
     assert!(r.h.dev.pending_faults() >= 2);
 }
+
+/// A chain whose head refers to an indirect table at `table` (2 entries):
+/// the descriptor in the (leased) descriptor table is rewritten after the
+/// driver posted an ordinary request. Returns what the device's iteration
+/// yields.
+fn serve_indirect(r: &mut Rig, areas: &QueueAreas, table: u64) -> Vec<(u64, u32)> {
+    const F_INDIRECT: u16 = 4;
+    let head = r.post();
+    let at = GuestAddress(r.queue.desc_table() + u64::from(head) * 16);
+    let mut desc = [0u8; 16];
+    desc[..8].copy_from_slice(&table.to_le_bytes());
+    desc[8..12].copy_from_slice(&32u32.to_le_bytes());
+    desc[12..14].copy_from_slice(&F_INDIRECT.to_le_bytes());
+    r.h.mem.write_slice(&desc, at).unwrap();
+    let mem = areas.memory(&r.h.mem).unwrap();
+    let chain = r.queue.pop_descriptor_chain(&mem).expect("a chain");
+    chain.map(|d| (d.addr().0, d.len())).collect()
+}
+
+#[test]
+fn an_indirect_table_is_read_only_through_a_translation() {
+    // The guest-physical page at TABLE holds a valid two-entry table (the
+    // header and status of a request); as an IOVA, TABLE is not mapped.
+    const TABLE: u64 = 0x60_0000;
+    let mut r = rig();
+    let mut entries = [0u8; 32];
+    entries[..8].copy_from_slice(&DATA.to_le_bytes());
+    entries[8..12].copy_from_slice(&16u32.to_le_bytes());
+    entries[12..14].copy_from_slice(&1u16.to_le_bytes()); // NEXT
+    entries[14..16].copy_from_slice(&1u16.to_le_bytes());
+    entries[16..24].copy_from_slice(&(DATA + 0x100).to_le_bytes());
+    entries[24..28].copy_from_slice(&1u32.to_le_bytes());
+    entries[28..30].copy_from_slice(&2u16.to_le_bytes()); // WRITE
+    r.h.mem.write_slice(&entries, GuestAddress(TABLE)).unwrap();
+    let areas = r.lease();
+
+    // Unmapped: the table is outside the areas, so it is read through a
+    // pin, which faults; the chain ends without a descriptor, and nothing
+    // of the guest-physical page was taken for descriptors.
+    let faults = r.h.dev.pending_faults();
+    assert_eq!(serve_indirect(&mut r, &areas, TABLE), vec![]);
+    assert!(r.h.dev.pending_faults() > faults);
+
+    // Mapped (to the same page): the table is read through the
+    // translation and its entries are the chain.
+    assert_eq!(
+        r.h.map(DOM, TABLE, TABLE + 0xfff, TABLE, RW),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        serve_indirect(&mut r, &areas, TABLE),
+        vec![(DATA, 16), (DATA + 0x100, 1)]
+    );
+}
