@@ -9,6 +9,7 @@
 mod blocked;
 mod disks;
 mod faults;
+mod indirect;
 mod map_limit;
 mod perf;
 mod scenarios;
@@ -112,6 +113,7 @@ fn main() {
         "churn" => scenarios::churn(&params),
         "unmap-blocked" => blocked::unmap_blocked(&params),
         "map-limit" => map_limit::map_limit(&params),
+        "indirect" => indirect::indirect(&params),
         "faults" => faults::faults(&params),
         "soak" => soak::soak(&params),
         "perf" => perf::perf(&params),

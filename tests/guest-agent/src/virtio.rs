@@ -53,6 +53,7 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
 const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -565,6 +566,43 @@ impl VirtioBlk {
         self.next_avail = idx.wrapping_add(1);
         self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
         fence(Ordering::SeqCst);
+    }
+
+    /// Puts a READ of `sector` in slot `slot` whose only descriptor
+    /// carries VRING_DESC_F_INDIRECT with `table_addr` and `table_len`, and
+    /// makes it available (not notified). Returns the IOVAs of the slot's
+    /// header and status byte, for the entries of the table.
+    pub fn push_indirect(
+        &mut self,
+        slot: u16,
+        sector: u64,
+        table_addr: u64,
+        table_len: u32,
+    ) -> (u64, u64) {
+        assert!(slot < self.slots());
+        let hdr = HDR_OFF + slot as usize * 16;
+        self.ring.wr::<u32>(hdr, VIRTIO_BLK_T_IN);
+        self.ring.wr::<u32>(hdr + 4, 0);
+        self.ring.wr::<u64>(hdr + 8, sector);
+        self.ring
+            .wr::<u8>(STATUS_OFF + slot as usize, STATUS_UNTOUCHED);
+        let d0 = slot as usize * 3;
+        let d = DESC_OFF + d0 * 16;
+        self.ring.wr::<u64>(d, table_addr);
+        self.ring.wr::<u32>(d + 8, table_len);
+        self.ring.wr::<u16>(d + 12, VRING_DESC_F_INDIRECT);
+        self.ring.wr::<u16>(d + 14, 0);
+        let idx = self.next_avail;
+        let pos = AVAIL_OFF + 4 + (idx % self.qsize) as usize * 2;
+        self.ring.wr::<u16>(pos, d0 as u16);
+        fence(Ordering::SeqCst);
+        self.next_avail = idx.wrapping_add(1);
+        self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
+        fence(Ordering::SeqCst);
+        (
+            self.iova_of(hdr),
+            self.iova_of(STATUS_OFF + slot as usize),
+        )
     }
 
     pub fn notify(&self) -> Res<()> {
