@@ -599,10 +599,7 @@ impl VirtioBlk {
         self.next_avail = idx.wrapping_add(1);
         self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
         fence(Ordering::SeqCst);
-        (
-            self.iova_of(hdr),
-            self.iova_of(STATUS_OFF + slot as usize),
-        )
+        (self.iova_of(hdr), self.iova_of(STATUS_OFF + slot as usize))
     }
 
     pub fn notify(&self) -> Res<()> {

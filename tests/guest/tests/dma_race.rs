@@ -76,7 +76,10 @@ fn scenario(variants: &[&str], rounds: &Rounds, delay_us: u64, pause_ms: u64) ->
     // longer than the READ takes, then no violation may show either).
     s.params = vec![
         format!("race_kib={}", env_num("VIRTIO_IOMMU_TEST_RACE_KIB", 1024)),
-        format!("filler_kib={}", env_num("VIRTIO_IOMMU_TEST_RACE_FILLER_KIB", 1024)),
+        format!(
+            "filler_kib={}",
+            env_num("VIRTIO_IOMMU_TEST_RACE_FILLER_KIB", 1024)
+        ),
         format!("rounds={}", rounds.unmap),
         format!("detach_rounds={}", rounds.detach),
         format!("ring_rounds={}", rounds.ring),
@@ -153,8 +156,8 @@ fn dma_race() {
         std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1");
     let expect_needs_reset =
         std::env::var("VIRTIO_IOMMU_TEST_RACE_EXPECT_NEEDS_RESET").as_deref() == Ok("1");
-    let selected = std::env::var("VIRTIO_IOMMU_TEST_RACE_VARIANTS")
-        .unwrap_or_else(|_| VARIANTS.join(","));
+    let selected =
+        std::env::var("VIRTIO_IOMMU_TEST_RACE_VARIANTS").unwrap_or_else(|_| VARIANTS.join(","));
     let variants: Vec<&str> = VARIANTS
         .iter()
         .copied()
