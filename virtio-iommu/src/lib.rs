@@ -62,6 +62,12 @@ pub mod testing;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
+/// The crate's README (its registry page), whose examples run as doc tests
+/// (they drive the device through the `test-utils` test driver).
+#[cfg(all(doctest, feature = "test-utils"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use address_space::{AddressSpace, EndpointError, Outcome};
 pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 #[cfg(not(loom))]
