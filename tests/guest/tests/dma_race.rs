@@ -19,6 +19,10 @@
 //! summary line the test prints (`fork dma-race unmap: rounds=...`).
 //! `VIRTIO_IOMMU_TEST_RACE_KIB` and `..._FILLER_KIB` (1024 each) size the
 //! racing READ and the READ queued before it.
+//! `VIRTIO_IOMMU_TEST_RACE_DISK_OPTS` is appended to the throttled race
+//! disk's `--disk` value: `direct=on` for a VMM that would otherwise read
+//! it through L1's page cache (rounds past the disk's 63 slots would then
+//! find their blocks cached and no READ in flight).
 //!
 //! `VIRTIO_IOMMU_TEST_RACE_DELAY_US=N` replaces the throttled disk by the
 //! reference VMM's fault injection (`--disk ...,delay_us=N`): every READ
@@ -70,7 +74,10 @@ fn scenario(variants: &[&str], rounds: &Rounds, delay_us: u64, pause_ms: u64) ->
     s.disks = vec![if delay_us > 0 {
         disk.with_vmm_opts(&format!("delay_us={delay_us}"))
     } else {
-        disk.throttled(bps)
+        match std::env::var("VIRTIO_IOMMU_TEST_RACE_DISK_OPTS") {
+            Ok(opts) if !opts.is_empty() => disk.throttled(bps).with_vmm_opts(&opts),
+            _ => disk.throttled(bps),
+        }
     }];
     // Pause between notify and the invalidation (control runs: make it
     // longer than the READ takes, then no violation may show either).
