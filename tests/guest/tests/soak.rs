@@ -1,7 +1,7 @@
 //! soak: the agent's `soak` scenario (verified kernel I/O on two disks,
 //! VFIO churn, dma-race rounds of every variant with device resets, all at
-//! once) for `VIRTIO_IOMMU_TEST_SOAK_SECS` seconds (the README's long run
-//! is 1800), with `VIRTIO_IOMMU_TEST_SOAK_CPUS` vCPUs (2), while L1
+//! once) for `VIRTIO_IOMMU_TEST_SOAK_SECS` seconds (the long run in
+//! docs/evidence.md is 1800), with `VIRTIO_IOMMU_TEST_SOAK_CPUS` vCPUs (2), while L1
 //! samples the VMM's resident set and thread count every 10 s.
 //!
 //! Runs only when `VIRTIO_IOMMU_TEST_SOAK_SECS` is set: on the nested bed
