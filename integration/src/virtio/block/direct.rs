@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::backend::{copy_from_bufs, copy_into_bufs, rw};
+use super::host_io::{copy_from_bufs, copy_into_bufs, rw};
 use super::request::HostBuf;
 use crate::cli::DiskConfig;
 

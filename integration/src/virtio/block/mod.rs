@@ -33,6 +33,7 @@
 
 mod backend;
 mod direct;
+mod host_io;
 mod queue;
 mod request;
 mod uring;

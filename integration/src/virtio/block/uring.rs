@@ -28,7 +28,8 @@ use std::sync::Arc;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{Backend, UringOp, UringPlan, MAX_IOVECS};
+use super::backend::{Backend, UringOp, UringPlan};
+use super::host_io::MAX_IOVECS;
 use super::request::{HostBuf, Request, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 /// What an operation's `user_data` says besides its slot.
