@@ -14,7 +14,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::acpi::IommuTopology;
-use crate::cli::{DeviceConfig, VmConfig};
+use crate::config::{DeviceConfig, VmConfig};
 use crate::pci::msix::GsiRouter;
 use crate::pci::{BarAllocator, Bdf, PciBus, BAR_WINDOW_END, BAR_WINDOW_START};
 use crate::vfio::dma::{Ledger, LedgerMapper};

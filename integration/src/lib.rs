@@ -10,6 +10,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
+pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod host;
@@ -24,5 +25,6 @@ pub mod vfio;
 pub mod virtio;
 pub mod vm;
 
-pub use cli::{Args, VmConfig};
+pub use cli::Args;
+pub use config::VmConfig;
 pub use vm::{Vm, VmExit};

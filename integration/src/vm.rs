@@ -22,7 +22,7 @@ use virtio_iommu::Metrics;
 
 use crate::acpi::{sleep_port_write, SleepPortAction, ACPI_SLEEP_PORT};
 use crate::boot::{load_guest, BootEntry};
-use crate::cli::{SerialMode, VmConfig};
+use crate::config::{SerialMode, VmConfig};
 use crate::cpu::setup_vcpu;
 use crate::layout::*;
 use crate::pci::PciBus;

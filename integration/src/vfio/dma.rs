@@ -82,7 +82,7 @@ pub struct LedgerMapper {
 impl LedgerMapper {
     /// A mapper over `container` resolving GPAs in `mem`. `skip_unmap`
     /// is the unsafe test control that never unmaps (see
-    /// [`crate::cli::DeviceConfig::skip_container_unmap`]).
+    /// [`crate::config::DeviceConfig::skip_container_unmap`]).
     pub fn new(
         container: Arc<VfioContainer>,
         mem: GuestMemoryMmap,

@@ -50,9 +50,7 @@ use super::{lock, ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioIn
 
 /// Virtio device type of the IOMMU.
 pub const VIRTIO_ID_IOMMU: u32 = 23;
-/// Default upper bound of the polling window after the request queue's
-/// last activity.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(10);
+pub use crate::config::DEFAULT_POLL;
 const REQUEST_QUEUE: u16 = 0;
 const EVENT_QUEUE: u16 = 1;
 /// How long a vCPU thread spins for a parked request's drain before

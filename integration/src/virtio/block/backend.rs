@@ -16,7 +16,7 @@ use super::request::{
     Geometry, HostBuf, Kind, Request, SECTOR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
-use crate::cli::DiskConfig;
+use crate::config::DiskConfig;
 
 /// How long `stall_at` holds a request: for ever, as far as a test can
 /// tell (only a cancellation ends it).

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use super::host_io::{copy_from_bufs, copy_into_bufs, rw};
 use super::request::HostBuf;
-use crate::cli::DiskConfig;
+use crate::config::DiskConfig;
 
 /// The image opened with O_DIRECT, and what O_DIRECT requires of it.
 pub struct Direct {

@@ -56,12 +56,12 @@ use super::{
     ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_VERSION_1,
 };
-use crate::cli::DiskConfig;
+use crate::config::DiskConfig;
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Queue size offered unless `--disk queue_size=` says otherwise.
-pub const QUEUE_SIZE: u16 = crate::cli::DEFAULT_QUEUE_SIZE;
+pub const QUEUE_SIZE: u16 = crate::config::DEFAULT_QUEUE_SIZE;
 /// Worker threads per disk doing the file I/O.
 pub const WORKERS: usize = 4;
 

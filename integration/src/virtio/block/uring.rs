@@ -470,7 +470,7 @@ impl Drop for UringQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::DiskConfig;
+    use crate::config::DiskConfig;
     use crate::virtio::block::request::{Cancel, Kind};
     use std::cell::RefCell;
     use std::time::{Duration, Instant};
