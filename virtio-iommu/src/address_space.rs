@@ -11,11 +11,12 @@ use std::sync::atomic::Ordering as StdOrdering;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{IommuConfig, ReservedRegion};
+use crate::drain::Drain;
 use crate::mapper::ExternalMapper;
 use crate::mapping::{MapFlags, Mapping, TreeError};
 use crate::protocol::Status;
 use crate::sync::Arc;
-use crate::tracker::{Domain, Drain, DrainCollector, EndpointCore, Shared, VIA_GLOBAL_BYPASS};
+use crate::tracker::{Domain, DrainCollector, EndpointCore, Shared, VIA_GLOBAL_BYPASS};
 #[cfg(not(loom))]
 use crate::translate::EndpointHandle;
 

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::address_space::DomainEntry;
 use crate::address_space::{AddressSpace, EndpointError};
 use crate::config::{ConfigError, IommuConfig, ReservedRegion};
+use crate::drain::Drain;
 use crate::engine::RequestEngine;
 use crate::events::{self, FaultQueue};
 use crate::mapper::ExternalMapper;
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{features::*, Range32, Range64, VirtioIommuConfig, CONFIG_BYPASS_OFFSET};
 use crate::state::{self, DomainState, EndpointState, IommuState, StateError, STATE_VERSION};
 use crate::sync::Arc;
-use crate::tracker::{Domain, Drain, Shared};
+use crate::tracker::{Domain, Shared};
 use crate::translate::EndpointHandle;
 
 /// Default (and maximum) virtqueue size.

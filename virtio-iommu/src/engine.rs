@@ -19,6 +19,7 @@ use vm_memory::endian::{Le16, Le64};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
 
 use crate::address_space::{AddressSpace, Outcome};
+use crate::drain::Drain;
 use crate::mapping::MapFlags;
 use crate::protocol::{
     features::*, req_type, ProbeProperty, ProbeResvMem, ReqAttach, ReqDetach, ReqHead, ReqMap,
@@ -26,7 +27,6 @@ use crate::protocol::{
     VIRTIO_IOMMU_PROBE_T_RESV_MEM,
 };
 use crate::sync::Arc;
-use crate::tracker::Drain;
 
 /// Largest device-readable part the engine looks at: the PROBE request.
 const MAX_READABLE: usize = std::mem::size_of::<ReqHead>() + std::mem::size_of::<ReqProbe>();

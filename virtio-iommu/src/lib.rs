@@ -34,6 +34,7 @@
 #![cfg_attr(all(loom, not(test)), allow(dead_code))]
 
 pub mod config;
+pub mod drain;
 pub mod lease;
 pub mod mapping;
 pub mod metrics;
@@ -72,6 +73,7 @@ pub use address_space::{AddressSpace, EndpointError, Outcome};
 pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 #[cfg(not(loom))]
 pub use device::{EndpointOptions, Error, VirtioIommu, QUEUE_SIZE};
+pub use drain::Drain;
 pub use mapper::ExternalMapper;
 pub use mapping::{MapFlags, Mapping};
 pub use metrics::{Metrics, MetricsSnapshot};
@@ -80,6 +82,6 @@ pub use protocol::Status;
 pub use queue_area::{AreaGuard, AreaSpec, QueueAreas, QueueMemory};
 #[cfg(not(loom))]
 pub use state::IommuState;
-pub use tracker::{Drain, GpaRange, Pin, RevokeHook, TranslateError};
+pub use tracker::{GpaRange, Pin, RevokeHook, TranslateError};
 #[cfg(not(loom))]
 pub use translate::EndpointHandle;

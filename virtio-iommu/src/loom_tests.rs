@@ -239,8 +239,8 @@ fn replying_without_draining_is_caught() {
 // and reclaims the page. No section may see the page reclaimed, and the
 // revoke hook must have been called by the time of the reply.
 
+use crate::drain::Drain;
 use crate::lease::Lease;
-use crate::tracker::Drain;
 
 const RING: (u64, u64, Permissions) = (0x1000, 8, Permissions::Write);
 

@@ -50,10 +50,11 @@ use vm_memory::{
     GuestMemoryResult, MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
+use crate::drain::Drain;
 use crate::lease::Lease;
 use crate::sync::Arc;
 use crate::tracker::{
-    last_byte, Drain, EndpointCore, GpaRange, GpaRanges, Pin, RevokeHook, TranslateError,
+    last_byte, EndpointCore, GpaRange, GpaRanges, Pin, RevokeHook, TranslateError,
 };
 use crate::translate::EndpointHandle;
 

@@ -52,16 +52,15 @@
 //! rare (one per queue start), so they all live in shard 0, the *primary*
 //! shard, which also answers questions about the attachment.
 
-use std::time::{Duration, Instant};
-
 use vm_memory::Permissions;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::Limits;
+use crate::drain::{Drain, Revocable};
 use crate::lease::Lease;
 use crate::mapping::MappingTree;
 use crate::metrics::Metrics;
-use crate::sync::{lock, Arc, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, ShardedRwLock};
+use crate::sync::{lock, Arc, Mutex, MutexGuard, Ordering, ShardedRwLock};
 
 /// A callback asked to cancel the DMA a pin protects. It must not block on
 /// the tracker; it typically cancels an I/O whose completion drops the pin.
@@ -550,7 +549,11 @@ impl PinShard {
         for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
             if let Some(rec) = rec.as_mut().filter(|r| affected(r)) {
                 let d = drain.drain();
-                d.add_blocker(this.clone(), slot as u32, rec.serial);
+                d.add_blocker(std::sync::Arc::new(PinBlocker {
+                    shard: this.clone(),
+                    slot: slot as u32,
+                    serial: rec.serial,
+                }));
                 rec.waiters.push(d.clone());
             }
         }
@@ -955,173 +958,26 @@ impl DrainCollector {
     }
 }
 
-struct Blocker {
+/// A pin a drain waits for: its shard, slot and serial, enough to call
+/// its revoke hook once (see [`Drain::revoke`]).
+struct PinBlocker {
     shard: Arc<PinShard>,
     slot: u32,
     serial: u64,
 }
 
-/// One invalidation waiting for in-flight DMA.
-///
-/// The count starts at one for the registration itself; `Drain::arm`
-/// drops that reference once every overlapping pin has been collected, so
-/// the drain cannot complete while collection is still running.
-pub struct Drain {
-    remaining: AtomicUsize,
-    done: Mutex<bool>,
-    cv: Condvar,
-    notifier: Option<Arc<EventFd>>,
-    blockers: Mutex<Vec<Blocker>>,
-    started: Instant,
-    finished: std::sync::Mutex<Option<Instant>>,
-}
-
-impl std::fmt::Debug for Drain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Drain")
-            .field("remaining", &self.remaining.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-impl Drain {
-    /// A new drain; `notifier` is written once when it completes.
-    pub(crate) fn new(notifier: Option<Arc<EventFd>>) -> Arc<Drain> {
-        Arc::new(Drain {
-            remaining: AtomicUsize::new(1),
-            done: Mutex::new(false),
-            cv: Condvar::new(),
-            notifier,
-            blockers: Mutex::new(Vec::new()),
-            started: Instant::now(),
-            finished: std::sync::Mutex::new(None),
-        })
-    }
-
-    /// Makes the drain wait for one more release (a closed lease's open
-    /// sections), released with [`Drain::release_one`].
-    fn hold(&self) {
-        self.remaining.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn add_blocker(&self, shard: Arc<PinShard>, slot: u32, serial: u64) {
-        self.remaining.fetch_add(1, Ordering::AcqRel);
-        lock(&self.blockers).push(Blocker {
-            shard,
-            slot,
-            serial,
-        });
-    }
-
-    /// Ends collection. Returns true when no pin blocks the drain.
-    pub(crate) fn arm(&self) -> bool {
-        // Completing here needs no wake-up: the caller sees the result.
-        self.release(false)
-    }
-
-    /// Number of pins collected (whether released or not).
-    pub fn blockers(&self) -> usize {
-        lock(&self.blockers).len()
-    }
-
-    /// Releases one pin or lease hold; true if that completed the drain.
-    pub(crate) fn release_one(&self) -> bool {
-        self.release(true)
-    }
-
-    fn release(&self, notify: bool) -> bool {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+impl Revocable for PinBlocker {
+    fn revoke(&self) -> bool {
+        let Some(hook) = self.shard.take_revoke(self.slot, self.serial) else {
             return false;
-        }
-        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        *lock(&self.done) = true;
-        self.cv.notify_all();
-        if let (Some(n), true) = (&self.notifier, notify) {
-            // An eventfd write only fails when the counter would overflow,
-            // which means a wake-up is already pending.
-            let _ = n.write(1);
-        }
+        };
+        hook();
+        self.shard
+            .shared
+            .metrics
+            .revocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
-    }
-
-    /// Whether every collected pin has been released.
-    pub fn is_complete(&self) -> bool {
-        self.remaining.load(Ordering::Acquire) == 0
-    }
-
-    /// When the drain started.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
-    /// How long the drain took, once complete.
-    pub fn wait_time(&self) -> Option<Duration> {
-        self.finished
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.duration_since(self.started))
-    }
-
-    /// Blocks until the drain completes.
-    pub fn wait(&self) {
-        let mut done = lock(&self.done);
-        while !*done {
-            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Blocks until the drain completes or `timeout` passes; true if complete.
-    #[cfg(not(loom))]
-    pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut done = lock(&self.done);
-        while !*done {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            done = self
-                .cv
-                .wait_timeout(done, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
-    }
-
-    /// Calls the revoke hook of every pin that still blocks this drain (each
-    /// hook at most once per pin). Returns how many hooks were called.
-    ///
-    /// The reply still waits for the pins to be released: revocation only
-    /// asks their holders to finish early.
-    pub fn revoke(&self) -> usize {
-        let pending: Vec<(Arc<PinShard>, u32, u64)> = lock(&self.blockers)
-            .iter()
-            .map(|b| (b.shard.clone(), b.slot, b.serial))
-            .collect();
-        let mut called = 0;
-        for (shard, slot, serial) in pending {
-            if let Some(hook) = shard.take_revoke(slot, serial) {
-                hook();
-                called += 1;
-                shard
-                    .shared
-                    .metrics
-                    .revocations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        called
-    }
-}
-
-/// Blocks until `drain` completes, revoking the blockers after `grace`.
-/// For VMM code that prefers a blocking wait to the event-driven path.
-#[cfg(not(loom))]
-pub fn wait_with_grace(drain: &Drain, grace: Duration) {
-    if !drain.wait_timeout(grace) {
-        drain.revoke();
-        drain.wait();
     }
 }
 
