@@ -526,9 +526,9 @@ impl VirtioBlk {
         self.ring.rd::<u8>(STATUS_OFF + slot as usize)
     }
 
-    /// Puts a request (header, data, status) in slot `slot` and makes it
-    /// available; the device is not notified (see [`Self::notify`]).
-    pub fn push(&mut self, slot: u16, kind: u32, sector: u64, data_iova: u64, len: u32) {
+    /// Writes slot `slot`'s request header and marks its status byte
+    /// untouched; returns the header's offset in the ring page.
+    fn put_header(&mut self, slot: u16, kind: u32, sector: u64) -> usize {
         assert!(slot < self.slots());
         let hdr = HDR_OFF + slot as usize * 16;
         self.ring.wr::<u32>(hdr, kind);
@@ -536,36 +536,57 @@ impl VirtioBlk {
         self.ring.wr::<u64>(hdr + 8, sector);
         self.ring
             .wr::<u8>(STATUS_OFF + slot as usize, STATUS_UNTOUCHED);
+        hdr
+    }
+
+    /// Writes descriptor `index`.
+    fn put_desc(&mut self, index: usize, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = DESC_OFF + index * 16;
+        self.ring.wr::<u64>(d, addr);
+        self.ring.wr::<u32>(d + 8, len);
+        self.ring.wr::<u16>(d + 12, flags);
+        self.ring.wr::<u16>(d + 14, next);
+    }
+
+    /// Makes the chain headed by descriptor `head` available (the device
+    /// is not notified).
+    fn publish(&mut self, head: u16) {
+        let idx = self.next_avail;
+        let pos = AVAIL_OFF + 4 + (idx % self.qsize) as usize * 2;
+        self.ring.wr::<u16>(pos, head);
+        fence(Ordering::SeqCst);
+        self.next_avail = idx.wrapping_add(1);
+        self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Puts a request (header, data, status) in slot `slot` and makes it
+    /// available; the device is not notified (see [`Self::notify`]).
+    pub fn push(&mut self, slot: u16, kind: u32, sector: u64, data_iova: u64, len: u32) {
+        let hdr = self.put_header(slot, kind, sector);
         let d0 = slot as usize * 3;
         let data_flags = if kind == VIRTIO_BLK_T_IN {
             VRING_DESC_F_WRITE
         } else {
             0
         };
-        let descs: [(u64, u32, u16); 3] = [
-            (self.iova_of(hdr), 16, VRING_DESC_F_NEXT),
-            (data_iova, len, VRING_DESC_F_NEXT | data_flags),
-            (
-                self.iova_of(STATUS_OFF + slot as usize),
-                1,
-                VRING_DESC_F_WRITE,
-            ),
-        ];
-        for (i, (addr, l, flags)) in descs.iter().enumerate() {
-            let d = DESC_OFF + (d0 + i) * 16;
-            let next = if i < 2 { (d0 + i + 1) as u16 } else { 0 };
-            self.ring.wr::<u64>(d, *addr);
-            self.ring.wr::<u32>(d + 8, *l);
-            self.ring.wr::<u16>(d + 12, *flags);
-            self.ring.wr::<u16>(d + 14, next);
-        }
-        let idx = self.next_avail;
-        let pos = AVAIL_OFF + 4 + (idx % self.qsize) as usize * 2;
-        self.ring.wr::<u16>(pos, d0 as u16);
-        fence(Ordering::SeqCst);
-        self.next_avail = idx.wrapping_add(1);
-        self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
-        fence(Ordering::SeqCst);
+        let status = self.iova_of(STATUS_OFF + slot as usize);
+        self.put_desc(
+            d0,
+            self.iova_of(hdr),
+            16,
+            VRING_DESC_F_NEXT,
+            (d0 + 1) as u16,
+        );
+        self.put_desc(
+            d0 + 1,
+            data_iova,
+            len,
+            VRING_DESC_F_NEXT | data_flags,
+            (d0 + 2) as u16,
+        );
+        self.put_desc(d0 + 2, status, 1, VRING_DESC_F_WRITE, 0);
+        self.publish(d0 as u16);
     }
 
     /// Puts a READ of `sector` in slot `slot` whose only descriptor
@@ -579,26 +600,10 @@ impl VirtioBlk {
         table_addr: u64,
         table_len: u32,
     ) -> (u64, u64) {
-        assert!(slot < self.slots());
-        let hdr = HDR_OFF + slot as usize * 16;
-        self.ring.wr::<u32>(hdr, VIRTIO_BLK_T_IN);
-        self.ring.wr::<u32>(hdr + 4, 0);
-        self.ring.wr::<u64>(hdr + 8, sector);
-        self.ring
-            .wr::<u8>(STATUS_OFF + slot as usize, STATUS_UNTOUCHED);
+        let hdr = self.put_header(slot, VIRTIO_BLK_T_IN, sector);
         let d0 = slot as usize * 3;
-        let d = DESC_OFF + d0 * 16;
-        self.ring.wr::<u64>(d, table_addr);
-        self.ring.wr::<u32>(d + 8, table_len);
-        self.ring.wr::<u16>(d + 12, VRING_DESC_F_INDIRECT);
-        self.ring.wr::<u16>(d + 14, 0);
-        let idx = self.next_avail;
-        let pos = AVAIL_OFF + 4 + (idx % self.qsize) as usize * 2;
-        self.ring.wr::<u16>(pos, d0 as u16);
-        fence(Ordering::SeqCst);
-        self.next_avail = idx.wrapping_add(1);
-        self.ring.wr::<u16>(AVAIL_OFF + 2, self.next_avail);
-        fence(Ordering::SeqCst);
+        self.put_desc(d0, table_addr, table_len, VRING_DESC_F_INDIRECT, 0);
+        self.publish(d0 as u16);
         (self.iova_of(hdr), self.iova_of(STATUS_OFF + slot as usize))
     }
 
