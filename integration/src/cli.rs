@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
-pub use crate::config::{
+use crate::config::{
     DeviceConfig, DiskConfig, IommuOptions, MemoryConfig, PlatformConfig, SerialMode, VmConfig,
     DEFAULT_QUEUE_SIZE,
 };

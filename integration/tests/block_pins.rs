@@ -15,7 +15,7 @@ use virtio_iommu::testing::{Buf, Harness, TestDriver};
 use virtio_iommu::{IommuConfig, Status};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::cli::DiskConfig;
+use vmm::config::DiskConfig;
 use vmm::virtio::block::Block;
 use vmm::virtio::{ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_ACCESS_PLATFORM};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
