@@ -24,7 +24,10 @@ use crate::blocked::write_read_back;
 use crate::disks::{self, RESERVED_BYTES};
 use crate::scenarios::{reserve_hugepages, DATA_IOVA, RING_IOVA};
 use crate::vfio::bind_vfio_pci;
-use crate::virtio::{HugeBuf, VirtioBlk, HUGE_PAGE, STATUS_NEEDS_RESET, STATUS_UNTOUCHED};
+use crate::virtio::{
+    HugeBuf, VirtioBlk, HUGE_PAGE, STATUS_NEEDS_RESET, STATUS_UNTOUCHED, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
 use crate::{phase, say, Params, Res};
 
 /// Bytes of the READ the table describes.
@@ -57,15 +60,6 @@ fn guest_physical(ptr: *const u8) -> Res<u64> {
     Ok(pfn * 4096 + va % 4096)
 }
 
-fn put_desc(data: &HugeBuf, off: usize, (addr, len, flags, next): (u64, u32, u16, u16)) {
-    let mut d = [0u8; 16];
-    d[..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..].copy_from_slice(&next.to_le_bytes());
-    data.write(off, &d);
-}
-
 pub fn indirect(p: &Params) -> Res<String> {
     let disks = disks::discover(p.num("ndisks", 0) as usize)?;
     let disk = disks::pick(&disks, p.get("indirect_disk"), true)?;
@@ -92,15 +86,19 @@ pub fn indirect(p: &Params) -> Res<String> {
         ));
     }
     data.fill(DEST_OFF, LEN, CANARY);
-    phase("indirect: submit", 0);
-    let (hdr_iova, status_iova) = dev.push_indirect(0, sector, table_gpa, 48);
-    put_desc(&data, TABLE_OFF, (hdr_iova, 16, 1, 1));
-    put_desc(
-        &data,
+    // The table is complete before the chain that names it is available.
+    let (hdr_iova, status_iova) = dev.slot_iovas(0);
+    data.put_desc(TABLE_OFF, hdr_iova, 16, VRING_DESC_F_NEXT, 1);
+    data.put_desc(
         TABLE_OFF + 16,
-        (DATA_IOVA + DEST_OFF as u64, LEN as u32, 1 | 2, 2),
+        DATA_IOVA + DEST_OFF as u64,
+        LEN as u32,
+        VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+        2,
     );
-    put_desc(&data, TABLE_OFF + 32, (status_iova, 1, 2, 0));
+    data.put_desc(TABLE_OFF + 32, status_iova, 1, VRING_DESC_F_WRITE, 0);
+    phase("indirect: submit", 0);
+    dev.push_indirect(0, sector, table_gpa, 48);
     dev.notify()?;
     let completed = dev
         .wait_completions(1, Duration::from_millis(p.num("wait_ms", 3000)))

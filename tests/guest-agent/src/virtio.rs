@@ -51,8 +51,8 @@ const STATUS_FAILED: u8 = 0x80;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
 const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
@@ -152,6 +152,15 @@ impl HugeBuf {
             }
         }
         n
+    }
+
+    /// Writes a split-ring descriptor (virtio 1.2, 2.7.5) at `off`, 16-byte
+    /// aligned: in a descriptor table or in an indirect table.
+    pub fn put_desc(&self, off: usize, addr: u64, len: u32, flags: u16, next: u16) {
+        self.wr::<u64>(off, addr);
+        self.wr::<u32>(off + 8, len);
+        self.wr::<u16>(off + 12, flags);
+        self.wr::<u16>(off + 14, next);
     }
 
     fn wr<T: Copy>(&self, off: usize, v: T) {
@@ -527,8 +536,8 @@ impl VirtioBlk {
     }
 
     /// Writes slot `slot`'s request header and marks its status byte
-    /// untouched; returns the header's offset in the ring page.
-    fn put_header(&mut self, slot: u16, kind: u32, sector: u64) -> usize {
+    /// untouched.
+    fn put_header(&mut self, slot: u16, kind: u32, sector: u64) {
         assert!(slot < self.slots());
         let hdr = HDR_OFF + slot as usize * 16;
         self.ring.wr::<u32>(hdr, kind);
@@ -536,16 +545,12 @@ impl VirtioBlk {
         self.ring.wr::<u64>(hdr + 8, sector);
         self.ring
             .wr::<u8>(STATUS_OFF + slot as usize, STATUS_UNTOUCHED);
-        hdr
     }
 
-    /// Writes descriptor `index`.
-    fn put_desc(&mut self, index: usize, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = DESC_OFF + index * 16;
-        self.ring.wr::<u64>(d, addr);
-        self.ring.wr::<u32>(d + 8, len);
-        self.ring.wr::<u16>(d + 12, flags);
-        self.ring.wr::<u16>(d + 14, next);
+    /// Writes descriptor `index` of the ring's table.
+    fn put_desc(&self, index: usize, addr: u64, len: u32, flags: u16, next: u16) {
+        self.ring
+            .put_desc(DESC_OFF + index * 16, addr, len, flags, next);
     }
 
     /// Makes the chain headed by descriptor `head` available (the device
@@ -563,21 +568,15 @@ impl VirtioBlk {
     /// Puts a request (header, data, status) in slot `slot` and makes it
     /// available; the device is not notified (see [`Self::notify`]).
     pub fn push(&mut self, slot: u16, kind: u32, sector: u64, data_iova: u64, len: u32) {
-        let hdr = self.put_header(slot, kind, sector);
+        self.put_header(slot, kind, sector);
+        let (hdr, status) = self.slot_iovas(slot);
         let d0 = slot as usize * 3;
         let data_flags = if kind == VIRTIO_BLK_T_IN {
             VRING_DESC_F_WRITE
         } else {
             0
         };
-        let status = self.iova_of(STATUS_OFF + slot as usize);
-        self.put_desc(
-            d0,
-            self.iova_of(hdr),
-            16,
-            VRING_DESC_F_NEXT,
-            (d0 + 1) as u16,
-        );
+        self.put_desc(d0, hdr, 16, VRING_DESC_F_NEXT, (d0 + 1) as u16);
         self.put_desc(
             d0 + 1,
             data_iova,
@@ -589,22 +588,23 @@ impl VirtioBlk {
         self.publish(d0 as u16);
     }
 
+    /// The IOVAs of slot `slot`'s request header and status byte.
+    pub fn slot_iovas(&self, slot: u16) -> (u64, u64) {
+        (
+            self.iova_of(HDR_OFF + slot as usize * 16),
+            self.iova_of(STATUS_OFF + slot as usize),
+        )
+    }
+
     /// Puts a READ of `sector` in slot `slot` whose only descriptor
     /// carries VRING_DESC_F_INDIRECT with `table_addr` and `table_len`, and
-    /// makes it available (not notified). Returns the IOVAs of the slot's
-    /// header and status byte, for the entries of the table.
-    pub fn push_indirect(
-        &mut self,
-        slot: u16,
-        sector: u64,
-        table_addr: u64,
-        table_len: u32,
-    ) -> (u64, u64) {
-        let hdr = self.put_header(slot, VIRTIO_BLK_T_IN, sector);
+    /// makes it available (not notified). The table's entries name the
+    /// slot's header and status by [`Self::slot_iovas`]; write it first.
+    pub fn push_indirect(&mut self, slot: u16, sector: u64, table_addr: u64, table_len: u32) {
+        self.put_header(slot, VIRTIO_BLK_T_IN, sector);
         let d0 = slot as usize * 3;
         self.put_desc(d0, table_addr, table_len, VRING_DESC_F_INDIRECT, 0);
         self.publish(d0 as u16);
-        (self.iova_of(hdr), self.iova_of(STATUS_OFF + slot as usize))
     }
 
     pub fn notify(&self) -> Res<()> {
