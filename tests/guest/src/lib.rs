@@ -1495,6 +1495,22 @@ pub fn not_selected(test: &str) -> Option<String> {
     }
 }
 
+/// `line` with the name of the VMM under test in front
+/// (`VIRTIO_IOMMU_TEST_VMM_NAME`, e.g. `fork dma-race unmap: ...`), or as it
+/// is when no name is set.
+pub fn with_vmm_name(line: &str) -> String {
+    match std::env::var("VIRTIO_IOMMU_TEST_VMM_NAME") {
+        Ok(name) if !name.is_empty() => format!("{name} {line}"),
+        _ => line.to_string(),
+    }
+}
+
+/// `VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS=1`: the VMM under test is a control
+/// that does not keep the invariant, and the test must see it fail to.
+pub fn expect_violations() -> bool {
+    std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1")
+}
+
 /// A numeric environment override.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -41,8 +41,8 @@
 //! (default 10).
 
 use guest_tests::{
-    bed_or_skip, env_num, report_timing, Bed, DiskSpec, Outcome, RaceSummary, Route, Scenario,
-    VMM_ENV,
+    bed_or_skip, env_num, expect_violations, report_timing, with_vmm_name, Bed, DiskSpec, Outcome,
+    RaceSummary, Route, Scenario, VMM_ENV,
 };
 use std::time::Duration;
 
@@ -123,13 +123,8 @@ fn run(bed: &Bed, test: &str, s: &Scenario) -> (Outcome, Vec<RaceSummary>) {
     report_timing(test, &out);
     assert!(!out.timed_out, "run timed out; {}", out.describe());
     out.assert_single_boot();
-    let name = std::env::var("VIRTIO_IOMMU_TEST_VMM_NAME").unwrap_or_default();
     for l in out.lines_with("dma-race") {
-        if name.is_empty() {
-            eprintln!("{l}");
-        } else {
-            eprintln!("{name} {l}");
-        }
+        eprintln!("{}", with_vmm_name(&l));
     }
     let sums: Vec<RaceSummary> = out
         .lines_with("dma-race ")
@@ -159,8 +154,7 @@ fn dma_race() {
     };
     let delay_us = env_num("VIRTIO_IOMMU_TEST_RACE_DELAY_US", 0);
     let pause_ms = env_num("VIRTIO_IOMMU_TEST_RACE_PAUSE_MS", 20);
-    let expect_violations =
-        std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1");
+    let expect_violations = expect_violations();
     let expect_needs_reset =
         std::env::var("VIRTIO_IOMMU_TEST_RACE_EXPECT_NEEDS_RESET").as_deref() == Ok("1");
     let selected =

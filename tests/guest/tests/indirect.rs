@@ -10,7 +10,10 @@
 //! (upstream Cloud Hypervisor), where the READ must land.
 //! `VIRTIO_IOMMU_TEST_VMM_NAME` goes in front of the summary line.
 
-use guest_tests::{assert_agent_pass, bed_or_skip, field_num, report_timing, DiskSpec, Scenario};
+use guest_tests::{
+    assert_agent_pass, bed_or_skip, expect_violations, field_num, report_timing, with_vmm_name,
+    DiskSpec, Scenario,
+};
 use std::time::Duration;
 
 #[test]
@@ -24,11 +27,9 @@ fn indirect() {
     let out = bed.run(&s).expect("guest run");
     report_timing("indirect", &out);
     let r = assert_agent_pass(&out, "indirect");
-    let name = std::env::var("VIRTIO_IOMMU_TEST_VMM_NAME").unwrap_or_default();
-    let line = format!("{name} indirect: {}", r.line);
-    eprintln!("{}", line.trim_start());
+    eprintln!("{}", with_vmm_name(&format!("indirect: {}", r.line)));
     let landed = field_num(&r.fields, "landed_bytes");
-    if std::env::var("VIRTIO_IOMMU_TEST_EXPECT_VIOLATIONS").as_deref() == Ok("1") {
+    if expect_violations() {
         assert!(
             landed > 0,
             "the control VMM was expected to read the indirect table at its guest-physical \
