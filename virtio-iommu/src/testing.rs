@@ -7,7 +7,7 @@
 //! can push millions of requests through the real device path.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::device::VirtioIommu;
 use crate::protocol::{req_type, ReqTail, Status};
@@ -44,7 +44,7 @@ pub struct TestDriver {
 impl TestDriver {
     /// Lays out a queue of `size` (a power of two) at `base`; needs
     /// `Self::footprint(size)` bytes.
-    pub fn new(mem: &GuestMemoryMmap, base: GuestAddress, size: u16) -> Self {
+    pub fn new<M: GuestMemory>(mem: &M, base: GuestAddress, size: u16) -> Self {
         let desc = base;
         let avail = GuestAddress(base.0 + DESC_SIZE * u64::from(size));
         let used = GuestAddress((avail.0 + 6 + 2 * u64::from(size) + 4095) & !4095);
@@ -82,7 +82,7 @@ impl TestDriver {
 
     /// Makes a chain available; returns its head, or `None` when the
     /// descriptor table is full.
-    pub fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> Option<u16> {
+    pub fn add<M: GuestMemory>(&mut self, mem: &M, bufs: &[Buf]) -> Option<u16> {
         if bufs.is_empty() || bufs.len() > self.free.len() {
             return None;
         }
@@ -117,7 +117,7 @@ impl TestDriver {
     }
 
     /// Takes the next used entry: (head, used length).
-    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
+    pub fn pop_used<M: GuestMemory>(&mut self, mem: &M) -> Option<(u16, u32)> {
         let dev_idx: u16 = mem.read_obj(GuestAddress(self.used.0 + 2)).unwrap();
         if dev_idx == self.used_idx {
             return None;
