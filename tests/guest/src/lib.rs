@@ -704,7 +704,7 @@ impl Bed {
                     } else if out.l1_died() {
                         "L1 ended (reset or power-off) before reporting the VMM's end"
                     } else if out.l2_lost(&s.name) {
-                        "L2 died without a result (triple fault, or hung until L1 killed the VMM)"
+                        "L2 lost (triple fault, with or without a reboot, or hung until L1 killed the VMM)"
                     } else {
                         break;
                     };
