@@ -31,7 +31,9 @@
 //! poller (or the vCPU, for a short budget) keeps checking its drain, and
 //! otherwise the device thread completes it when the crate's drain eventfd
 //! fires. The same thread delivers faults and calls the revoke hooks when
-//! the grace period has passed.
+//! the grace period has passed; a vCPU that leaves a request parked always
+//! wakes it (in every inline mode, backoff or not), so that it arms that
+//! deadline.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -171,7 +173,9 @@ pub struct Iommu {
     inline_first: bool,
     /// Whether the poller has its CPU (inline first only).
     health: Arc<PollHealth>,
-    /// Wakes the poller after an inline kick (inline first only).
+    /// Wakes the event thread after an inline kick (whenever kicks are
+    /// served inline): to poll for the rest of the burst, and to arm the
+    /// revocation of a request left parked.
     poll_wake: Option<EventFd>,
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
@@ -652,9 +656,9 @@ impl VirtioDevice for Iommu {
             preemption: inline_first.then(|| PreemptionDetector::new(self.health.clone())),
         };
         self.poll_wake = None;
-        if inline_first {
-            // The vCPU's kick, passed on to the poller after the vCPU has
-            // served (`queue_notify`).
+        if self.notify_mode() == NotifyMode::Inline {
+            // The vCPU's kick, passed on to the event thread after the
+            // vCPU has served (`queue_notify`).
             let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| ActivateError(e.to_string()))?;
             kicks.requests = Some(wake.try_clone().map_err(|e| ActivateError(e.to_string()))?);
             self.poll_wake = Some(wake);
@@ -708,11 +712,15 @@ impl VirtioDevice for Iommu {
                 if g.dev.parked_drain().is_some() && g.dev.poll_parked(INLINE_DRAIN_BUDGET) {
                     g.run_requests(&self.mem);
                 }
+                let parked = g.dev.parked_drain().is_some();
                 drop(g);
-                // Inline first: the poller takes the rest of the burst,
-                // unless it has been losing its CPU.
+                // The event thread takes a request left parked (it arms
+                // the revocation after the grace period, also when nothing
+                // polls) and, inline first, the rest of the burst, unless
+                // the poller has been losing its CPU.
+                let polling = !self.poll.is_zero() && self.health.polling_allowed(Instant::now());
                 if let Some(w) = &self.poll_wake {
-                    if self.health.polling_allowed(Instant::now()) {
+                    if parked || polling {
                         let _ = w.write(1);
                     }
                 }
@@ -747,9 +755,112 @@ impl Drop for Iommu {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use virtio_iommu::protocol::req_type;
+    use virtio_iommu::testing::{attach_body, map_body, unmap_body, Buf, TestDriver};
+    use vm_memory::{Bytes, GuestAddress, Permissions};
+
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    struct NoInterrupt;
+
+    impl VirtioInterrupt for NoInterrupt {
+        fn signal_queue(&self, _: u16) {}
+        fn signal_config(&self) {}
+        fn needs_reset(&self) {}
+    }
+
+    /// Makes a request available and notifies the request queue, as the
+    /// vCPU does; returns the status byte if a reply was published.
+    fn request(
+        iommu: &mut Iommu,
+        driver: &mut TestDriver,
+        mem: &GuestMemoryMmap,
+        type_: u8,
+        body: &[u8],
+    ) -> Option<u8> {
+        const REQ: u64 = 0x10_0000;
+        let mut r = vec![type_, 0, 0, 0];
+        r.extend_from_slice(body);
+        mem.write_slice(&r, GuestAddress(REQ)).unwrap();
+        let bufs = [
+            Buf {
+                addr: GuestAddress(REQ),
+                len: r.len() as u32,
+                write: false,
+            },
+            Buf {
+                addr: GuestAddress(REQ + 0x1000),
+                len: 4,
+                write: true,
+            },
+        ];
+        driver.add(mem, &bufs).unwrap();
+        iommu.queue_notify(REQUEST_QUEUE);
+        driver.pop_used(mem)?;
+        Some(mem.read_obj(GuestAddress(REQ + 0x1000)).unwrap())
+    }
+
+    /// With every request inline (`poll_us=0`: no poller), an UNMAP that
+    /// parks on a vCPU is still revoked by the event thread after the
+    /// grace period (the vCPU never waits for it). Without the vCPU's
+    /// wake-up the thread slept with no deadline and never revoked it.
+    #[test]
+    fn a_request_parked_inline_is_revoked_after_the_grace_without_a_poller() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let config = IommuConfig {
+            revoke_grace: 20 * MS,
+            ..IommuConfig::default()
+        };
+        let mut iommu = Iommu::with_config(mem.clone(), config, Duration::ZERO).unwrap();
+        assert_eq!(iommu.notify_mode(), NotifyMode::Inline);
+        let ep = iommu.add_endpoint(8).unwrap();
+        let features = iommu.device_features();
+        iommu.ack_features(features);
+        let mut driver = TestDriver::new(&mem, GuestAddress(0), 256);
+        let queue = ActiveQueue {
+            index: REQUEST_QUEUE,
+            queue: driver.queue(),
+            notify: None,
+        };
+        iommu.activate(vec![queue], Arc::new(NoInterrupt)).unwrap();
+        let attach = attach_body(1, 8, 0);
+        assert_eq!(
+            request(&mut iommu, &mut driver, &mem, req_type::ATTACH, &attach),
+            Some(0)
+        );
+        let map = map_body(1, 0x1000, 0x1fff, 0x40_0000, 3);
+        assert_eq!(
+            request(&mut iommu, &mut driver, &mem, req_type::MAP, &map),
+            Some(0)
+        );
+        let revoked = Arc::new(AtomicBool::new(false));
+        let hook = {
+            let revoked = revoked.clone();
+            Arc::new(move || revoked.store(true, Ordering::SeqCst))
+        };
+        let pin = ep
+            .pin_revocable(0x1000, 0x100, Permissions::Write, hook)
+            .unwrap();
+        let unmap = unmap_body(1, 0x1000, 0x1fff);
+        assert_eq!(
+            request(&mut iommu, &mut driver, &mem, req_type::UNMAP, &unmap),
+            None
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !revoked.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the parked UNMAP was never revoked"
+            );
+            std::thread::sleep(MS);
+        }
+        drop(pin);
+        iommu.reset();
+    }
 
     #[test]
     fn window_grows_to_cover_a_gap_it_missed() {
