@@ -24,7 +24,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use virtio_iommu::testing::{map_body, unmap_body, Buf, Harness, BUF_BASE};
+use virtio_iommu::testing::{map_body, place_request, unmap_body, Buf, Harness, BUF_BASE};
 use virtio_iommu::{EndpointHandle, IommuConfig, Status};
 use vm_memory::{Bytes, GuestAddress, Iotlb, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -51,21 +51,13 @@ fn harness() -> Harness {
 
 /// Writes a request at `at` (readable) with its tail at `at + 0x100`.
 fn place(h: &Harness, at: u64, type_: u8, body: &[u8]) -> [Buf; 2] {
-    let mut req = vec![type_, 0, 0, 0];
-    req.extend_from_slice(body);
-    h.mem.write_slice(&req, GuestAddress(at)).unwrap();
-    [
-        Buf {
-            addr: GuestAddress(at),
-            len: req.len() as u32,
-            write: false,
-        },
-        Buf {
-            addr: GuestAddress(at + 0x100),
-            len: 4,
-            write: true,
-        },
-    ]
+    place_request(
+        &h.mem,
+        GuestAddress(at),
+        GuestAddress(at + 0x100),
+        type_,
+        body,
+    )
 }
 
 /// A scattered GPA for mapping number `i` (nothing merges).

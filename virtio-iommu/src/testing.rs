@@ -281,29 +281,10 @@ impl Harness {
     pub fn post(&mut self, slot: u64, type_: u8, body: &[u8]) {
         assert!(slot < 256, "slot {slot} out of range");
         let r = GuestAddress(BUF_BASE + 0x2_0000 + slot * 0x100);
-        let mut req = vec![type_, 0, 0, 0];
-        req.extend_from_slice(body);
-        self.mem.write_slice(&req, r).unwrap();
-        self.mem
-            .write_slice(&[0xee; 4], Self::posted_tail(slot))
-            .unwrap();
-        self.req_driver
-            .add(
-                &self.mem,
-                &[
-                    Buf {
-                        addr: r,
-                        len: req.len() as u32,
-                        write: false,
-                    },
-                    Buf {
-                        addr: Self::posted_tail(slot),
-                        len: 4,
-                        write: true,
-                    },
-                ],
-            )
-            .expect("queue full");
+        let tail = Self::posted_tail(slot);
+        let bufs = place_request(&self.mem, r, tail, type_, body);
+        self.mem.write_slice(&[0xee; 4], tail).unwrap();
+        self.req_driver.add(&self.mem, &bufs).expect("queue full");
     }
 
     fn posted_tail(slot: u64) -> GuestAddress {
@@ -330,6 +311,33 @@ impl Harness {
             self.dev.wait_parked(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// Writes a request of `type_` with `body` at `at`, and returns the chain
+/// that makes it: `at` (device-readable) and a 4-byte tail at `tail`
+/// (device-writable, left as it is).
+pub fn place_request<M: GuestMemory>(
+    mem: &M,
+    at: GuestAddress,
+    tail: GuestAddress,
+    type_: u8,
+    body: &[u8],
+) -> [Buf; 2] {
+    let mut req = vec![type_, 0, 0, 0];
+    req.extend_from_slice(body);
+    mem.write_slice(&req, at).unwrap();
+    [
+        Buf {
+            addr: at,
+            len: req.len() as u32,
+            write: false,
+        },
+        Buf {
+            addr: tail,
+            len: 4,
+            write: true,
+        },
+    ]
 }
 
 /// The body of an ATTACH request (reserved bytes zero).

@@ -758,7 +758,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use virtio_iommu::protocol::req_type;
-    use virtio_iommu::testing::{attach_body, map_body, unmap_body, Buf, TestDriver};
+    use virtio_iommu::testing::{attach_body, map_body, place_request, unmap_body, TestDriver};
     use vm_memory::{Bytes, GuestAddress, Permissions};
 
     use super::*;
@@ -782,26 +782,13 @@ mod tests {
         type_: u8,
         body: &[u8],
     ) -> Option<u8> {
-        const REQ: u64 = 0x10_0000;
-        let mut r = vec![type_, 0, 0, 0];
-        r.extend_from_slice(body);
-        mem.write_slice(&r, GuestAddress(REQ)).unwrap();
-        let bufs = [
-            Buf {
-                addr: GuestAddress(REQ),
-                len: r.len() as u32,
-                write: false,
-            },
-            Buf {
-                addr: GuestAddress(REQ + 0x1000),
-                len: 4,
-                write: true,
-            },
-        ];
-        driver.add(mem, &bufs).unwrap();
+        let (req, tail) = (GuestAddress(0x10_0000), GuestAddress(0x10_1000));
+        driver
+            .add(mem, &place_request(mem, req, tail, type_, body))
+            .unwrap();
         iommu.queue_notify(REQUEST_QUEUE);
         driver.pop_used(mem)?;
-        Some(mem.read_obj(GuestAddress(REQ + 0x1000)).unwrap())
+        Some(mem.read_obj(tail).unwrap())
     }
 
     /// With every request inline (`poll_us=0`: no poller), an UNMAP that
