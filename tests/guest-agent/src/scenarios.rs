@@ -456,6 +456,11 @@ pub(crate) struct RaceCfg {
     pub(crate) pause: Duration,
     pub(crate) settle: Duration,
     pub(crate) capacity: u64,
+    /// `ring` only: once the device runs on its rings and before the first
+    /// READ, print `AGENT-SNAPSHOT-POINT` and wait this long (the host
+    /// snapshots and restores the VM meanwhile; a paused VM's clock does
+    /// not run), then print `AGENT-SNAPSHOT-RESUMED`.
+    pub(crate) snapshot_wait: Option<Duration>,
 }
 
 /// Disk offsets for round `n`: (filler, racing). Each round reads fresh
@@ -570,6 +575,12 @@ pub(crate) fn race_ring(
         needs_reset: Some(0),
         ..Default::default()
     };
+    if let Some(wait) = cfg.snapshot_wait {
+        phase("dma-race ring: waiting for the snapshot and restore", 0);
+        say("AGENT-SNAPSHOT-POINT");
+        std::thread::sleep(wait);
+        say("AGENT-SNAPSHOT-RESUMED");
+    }
     for r in 0..cfg.ring_rounds {
         phase("dma-race ring: round", r);
         let done = start_race(&mut dev, cfg, data, first_round + r)?;
@@ -661,6 +672,10 @@ pub fn dma_race(p: &Params) -> Res<String> {
         pause: Duration::from_millis(p.num("pause_ms", 20)),
         settle: Duration::from_millis(p.num("settle_ms", 1500)),
         capacity: disk.size,
+        snapshot_wait: match p.num("snapshot_wait_s", 0) {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        },
     };
     phase("dma-race: bind", 0);
     reserve_hugepages(p.num("hugepages", 16))?;
@@ -933,6 +948,7 @@ mod tests {
             pause: Duration::ZERO,
             settle: Duration::ZERO,
             capacity: 64 * MIB,
+            snapshot_wait: None,
         };
         let a = race_offsets(&cfg, 0);
         let b = race_offsets(&cfg, 1);

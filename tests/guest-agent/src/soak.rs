@@ -128,6 +128,7 @@ pub fn soak(p: &Params) -> Res<String> {
         pause: Duration::from_millis(p.num("pause_ms", 20)),
         settle: Duration::from_millis(p.num("settle_ms", 200)),
         capacity: race_disk.size,
+        snapshot_wait: None,
     };
 
     let t = Instant::now();

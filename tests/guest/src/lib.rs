@@ -45,6 +45,11 @@ pub const VMM_EXTRA_ENV: &str = "VIRTIO_IOMMU_TEST_VMM_ENV";
 /// the bed's own (e.g. `--iommu poll_us=0` for the reference VMM).
 pub const VMM_EXTRA_ARGS: &str = "VIRTIO_IOMMU_TEST_VMM_ARGS";
 
+/// Environment variable naming Cloud Hypervisor's `ch-remote`, built from
+/// the same tree as the VMM under test: the snapshot-and-restore tests
+/// need it (and say SKIP without it).
+pub const CH_REMOTE_ENV: &str = "VIRTIO_IOMMU_TEST_CH_REMOTE";
+
 /// The `KEY=VALUE` pairs of [`VMM_EXTRA_ENV`].
 fn vmm_extra_env() -> Vec<(String, String)> {
     std::env::var(VMM_EXTRA_ENV)
@@ -284,6 +289,12 @@ pub struct Scenario {
     /// passed-through devices are ready and before the VMM starts (the
     /// VMM is `/vmm/vmm`, L2's kernel `/l2/vmlinux`).
     pub l1_prelude: String,
+    /// Nested route, Cloud Hypervisor only ([`CH_REMOTE_ENV`]): when the
+    /// guest prints `AGENT-SNAPSHOT-POINT`, L1 pauses the VM, snapshots it
+    /// (`L1-SNAPSHOT rc=..`), kills the VMM and restores the snapshot in a
+    /// new VMM process, resumed at once (`L1-RESTORE start`). The guest's
+    /// output after that line comes from the restored VM.
+    pub snapshot_restore: bool,
 }
 
 impl Scenario {
@@ -302,6 +313,7 @@ impl Scenario {
             vmm_cpu_marks: false,
             strict: true,
             l1_prelude: String::new(),
+            snapshot_restore: false,
         }
     }
 
@@ -900,7 +912,13 @@ impl Bed {
                 script.push_str(&s.l1_prelude);
                 script.push('\n');
             }
-            if s.repeat > 1 {
+            if s.snapshot_restore {
+                if s.repeat > 1 || s.vmm_cpu_marks {
+                    return Err("snapshot_restore runs the VMM once, without CPU marks".into());
+                }
+                let secs = s.timeout.as_secs().saturating_sub(20).max(10);
+                script.push_str(&snapshot_restore_script(&vmm(secs), secs));
+            } else if s.repeat > 1 {
                 script.push_str(&format!(
                     "for i in $(seq {}); do\n\
                      echo \"L1-ITER start i=$i uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
@@ -950,7 +968,21 @@ impl Bed {
                 ));
             }
             let initrd = work.join("l1-initrd.cpio");
-            build_l1_initrd(&self.images.l1_initrd, &initrd, &self.vmm, &script)?;
+            let ch_remote =
+                if s.snapshot_restore {
+                    Some(PathBuf::from(std::env::var_os(CH_REMOTE_ENV).ok_or_else(|| {
+                    format!("snapshot_restore needs {CH_REMOTE_ENV} (Cloud Hypervisor's ch-remote)")
+                })?))
+                } else {
+                    None
+                };
+            build_l1_initrd(
+                &self.images.l1_initrd,
+                &initrd,
+                &self.vmm,
+                ch_remote.as_deref(),
+                &script,
+            )?;
             run_qemu(
                 &qemu,
                 &self.images.l1_kernel,
@@ -1091,7 +1123,49 @@ pub fn sh_quote(s: &str) -> String {
 /// Copies the base L1 initramfs and appends a second newc archive with the
 /// VMM binary (as /vmm/vmm, plus its shared libraries if it is dynamic) and
 /// /run.sh. The kernel unpacks concatenated archives in order.
-fn build_l1_initrd(base: &Path, out: &Path, vmm: &Path, script: &str) -> Result<(), String> {
+/// L1 shell lines for [`Scenario::snapshot_restore`]: `run` (the VMM's
+/// command line, wrapped in `timeout`) gets an API socket; at the guest's
+/// `AGENT-SNAPSHOT-POINT` L1 pauses and snapshots the VM with
+/// `/vmm/ch-remote`, kills that VMM and restores the snapshot in a new one
+/// (resumed at once). Leaves the exit status of the last VMM in `$rc`.
+fn snapshot_restore_script(run: &str, secs: u64) -> String {
+    format!(
+        "echo \"L1-VMM start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+         rm -f /tmp/vmm-rc /tmp/snap-point\n\
+         ( {run} --api-socket path=/tmp/ch.sock 2>&1; echo $? > /tmp/vmm-rc ) | \
+         while IFS= read -r l; do\n\
+         case \"$l\" in *AGENT-SNAPSHOT-POINT*) : > /tmp/snap-point;; esac\n\
+         printf '%s\\n' \"$l\"\n\
+         done &\n\
+         reader=$!\n\
+         while [ ! -e /tmp/snap-point ] && [ ! -e /tmp/vmm-rc ]; do sleep 0.2; done\n\
+         if [ -e /tmp/snap-point ]; then\n\
+         mkdir -p /snap\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         /vmm/ch-remote --api-socket /tmp/ch.sock pause && \
+         /vmm/ch-remote --api-socket /tmp/ch.sock snapshot file:///snap\n\
+         echo \"L1-SNAPSHOT rc=$? kib=$(du -sk /snap | cut -f1) from=$t0 uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+         kill -KILL $(pidof vmm) 2>/dev/null\n\
+         wait $reader\n\
+         rm -f /tmp/vmm-rc\n\
+         echo \"L1-RESTORE start uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+         timeout -s TERM -k 5 {secs} /vmm/vmm --api-socket path=/tmp/ch-restored.sock \
+         --restore source_url=file:///snap,resume=true 2>&1\n\
+         echo $? > /tmp/vmm-rc\n\
+         fi\n\
+         wait\n\
+         rc=$(cat /tmp/vmm-rc)\n\
+         echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n"
+    )
+}
+
+fn build_l1_initrd(
+    base: &Path,
+    out: &Path,
+    vmm: &Path,
+    ch_remote: Option<&Path>,
+    script: &str,
+) -> Result<(), String> {
     fs::copy(base, out).map_err(|e| format!("copy {}: {e}", base.display()))?;
     let f = fs::OpenOptions::new()
         .append(true)
@@ -1102,6 +1176,10 @@ fn build_l1_initrd(base: &Path, out: &Path, vmm: &Path, script: &str) -> Result<
     w.dir("vmm").map_err(io)?;
     let bin = fs::read(vmm).map_err(|e| format!("read {}: {e}", vmm.display()))?;
     w.file("vmm/vmm", 0o755, &bin).map_err(io)?;
+    if let Some(p) = ch_remote {
+        let bin = fs::read(p).map_err(|e| format!("read {}: {e}", p.display()))?;
+        w.file("vmm/ch-remote", 0o755, &bin).map_err(io)?;
+    }
     for lib in shared_libs(vmm) {
         let data = fs::read(&lib).map_err(|e| format!("read {}: {e}", lib.display()))?;
         let rel = lib.to_string_lossy().trim_start_matches('/').to_string();

@@ -34,6 +34,14 @@
 //! watches a canary; `VIRTIO_IOMMU_TEST_RACE_EXPECT_NEEDS_RESET=1` also
 //! requires DEVICE_NEEDS_RESET after every ring round.
 //!
+//! `dma_race_restored` (Cloud Hypervisor, with [`CH_REMOTE_ENV`] naming its
+//! `ch-remote`): the device runs on its rings, the VM is snapshotted and
+//! restored in a new VMM process, then the `ring` variant runs
+//! (`VIRTIO_IOMMU_TEST_RESTORE_RING_ROUNDS`, default 5): its first round
+//! UNMAPs the rings the restored device runs on, so a device restored
+//! without leasing its rings again writes the canaried used ring. Prints
+//! `dma-race ring-restored: ...`.
+//!
 //! `dma_race_drain_off_control` runs the reference VMM with `--iommu
 //! drain=off` (replies without waiting, rings never revoked: what upstream
 //! VMMs do) and requires the `unmap` and `ring` variants to report
@@ -42,7 +50,7 @@
 
 use guest_tests::{
     bed_or_skip, env_num, expect_violations, report_timing, with_vmm_name, Bed, DiskSpec, Outcome,
-    RaceSummary, Route, Scenario, VMM_ENV,
+    RaceSummary, Route, Scenario, CH_REMOTE_ENV, VMM_ENV,
 };
 use std::time::Duration;
 
@@ -283,4 +291,100 @@ fn dma_race_drain_off_control() {
             out.describe()
         );
     }
+}
+
+#[test]
+fn dma_race_restored() {
+    let Some(bed) = bed_or_skip("dma_race_restored") else {
+        return;
+    };
+    if std::env::var_os(CH_REMOTE_ENV).is_none() || bed.route != Route::Nested {
+        guest_tests::skip(
+            "dma_race_restored",
+            &format!(
+                "needs Cloud Hypervisor under test with {CH_REMOTE_ENV} naming its ch-remote, \
+                 on the nested route"
+            ),
+        );
+        return;
+    }
+    let n = env_num("VIRTIO_IOMMU_TEST_RESTORE_RING_ROUNDS", 5);
+    let rounds = Rounds {
+        unmap: 0,
+        detach: 0,
+        ring: n,
+        reset: 0,
+    };
+    let pause_ms = env_num("VIRTIO_IOMMU_TEST_RACE_PAUSE_MS", 20);
+    let mut s = scenario(&["ring"], &rounds, 0, pause_ms);
+    // Guest time: the VM is paused (its clock stopped) from shortly after
+    // the snapshot point until it is restored.
+    s.params.push("snapshot_wait_s=30".into());
+    s.snapshot_restore = true;
+    s.timeout += Duration::from_secs(180);
+    let (out, sums) = run(&bed, "dma_race_restored", &s);
+    let index = |marker: &str| {
+        out.lines
+            .iter()
+            .position(|l| l.contains(marker))
+            .unwrap_or_else(|| panic!("no {marker:?} line; {}", out.describe()))
+    };
+    let snapshot = &out.lines[index("L1-SNAPSHOT rc=")];
+    eprintln!("dma_race_restored: {}", snapshot.trim());
+    assert!(
+        snapshot.contains("L1-SNAPSHOT rc=0 "),
+        "snapshot failed: {snapshot}; {}",
+        out.describe()
+    );
+    // The ring rounds ran in the restored VM.
+    assert!(
+        index("L1-RESTORE start") < index("AGENT-SNAPSHOT-RESUMED"),
+        "the guest went on before the restore; {}",
+        out.describe()
+    );
+    let ring = summary(&sums, "ring", &out);
+    eprintln!(
+        "{}",
+        with_vmm_name(&format!(
+            "dma-race ring-restored: rounds={} violations={} needs_reset={} unmap_us min/median/max={}/{}/{}",
+            ring.rounds,
+            ring.violations,
+            ring.needs_reset.unwrap_or(0),
+            ring.unmap_us.0,
+            ring.unmap_us.1,
+            ring.unmap_us.2
+        ))
+    );
+    assert_eq!(ring.rounds, n, "{}", out.describe());
+    if expect_violations() {
+        assert!(
+            ring.violations > 0,
+            "expected the restored device to write its used ring after the UNMAP, saw no \
+             write: the control has lost its power; {}",
+            out.describe()
+        );
+        return;
+    }
+    assert_eq!(
+        ring.violations,
+        0,
+        "the restored device wrote its used ring after the ring UNMAP; {}",
+        out.describe()
+    );
+    assert_eq!(
+        ring.needs_reset,
+        Some(ring.rounds),
+        "the restored device did not report DEVICE_NEEDS_RESET after every ring UNMAP; {}",
+        out.describe()
+    );
+    let result = out
+        .agent_result("dma-race")
+        .unwrap_or_else(|| panic!("no AGENT-RESULT for dma-race; {}", out.describe()));
+    assert_eq!(result.status, "pass", "{}; {}", result.line, out.describe());
+    assert_eq!(
+        out.vmm_exit(),
+        Some(0),
+        "VMM exit status; {}",
+        out.describe()
+    );
 }
