@@ -119,6 +119,13 @@ pub struct IommuConfig {
     /// pin holders to revoke it.
     #[serde(with = "duration_micros")]
     pub revoke_grace: Duration,
+    /// How long after the revocation grace pins may still hold an
+    /// invalidation before the VMM is asked to fence the guest pages they
+    /// cover ([`crate::fence`]; `VirtioIommu::fences_due`). `None`
+    /// (default): never; the invalidation waits for the pins however long
+    /// the host's I/O takes.
+    #[serde(default, with = "opt_duration_micros")]
+    pub fence_after: Option<Duration>,
     /// Whether invalidations wait for in-flight DMA (default true).
     ///
     /// `false` is an **unsafe control mode**: UNMAP, DETACH, ATTACH-move,
@@ -153,6 +160,7 @@ impl Default for IommuConfig {
             },
             limits: Limits::default(),
             revoke_grace: Duration::from_millis(100),
+            fence_after: None,
             drain: true,
         }
     }
@@ -257,6 +265,22 @@ mod duration_micros {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_micros(u64::deserialize(d)?))
+    }
+}
+
+mod opt_duration_micros {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_micros))
     }
 }
 

@@ -16,6 +16,7 @@ use crate::config::{ConfigError, IommuConfig, ReservedRegion};
 use crate::drain::Drain;
 use crate::engine::RequestEngine;
 use crate::events::{self, FaultQueue};
+use crate::fence::Fence;
 use crate::mapper::ExternalMapper;
 use crate::metrics::Metrics;
 use crate::protocol::{features::*, Range32, Range64, VirtioIommuConfig, CONFIG_BYPASS_OFFSET};
@@ -87,6 +88,7 @@ impl VirtioIommu {
         config.validate()?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
+            fence_gate: Default::default(),
             bypass: crate::sync::AtomicBool::new(config.bypass),
             metrics,
             faults: FaultQueue::new(config.limits.max_pending_faults),
@@ -317,6 +319,39 @@ impl VirtioIommu {
             .filter(|d| now >= d.started() + grace)
             .map(|d| d.revoke())
             .sum()
+    }
+
+    /// When the pins still holding an invalidation should be fenced
+    /// ([`crate::fence`]): `revoke_grace` plus `fence_after` after it
+    /// started, for the earliest invalidation not handed to a fence yet.
+    /// `None` without [`IommuConfig::fence_after`].
+    pub fn fence_deadline(&self) -> Option<Instant> {
+        let after = self.config.fence_after?;
+        self.waiting_drains()
+            .filter(|d| !d.fence_claimed())
+            .map(|d| d.started() + self.config.revoke_grace + after)
+            .min()
+    }
+
+    /// The pins still holding the invalidations whose fence deadline has
+    /// passed (see [`VirtioIommu::fence_deadline`]), claimed for one
+    /// [`Fence`], or `None` when none is due or none can be fenced. Each
+    /// invalidation is handed to a fence once.
+    ///
+    /// The caller fences the pages with no lock of this device held
+    /// (fencing holds the vCPUs, which may be waiting for that lock), then
+    /// calls [`Fence::complete`]; the replies follow through
+    /// [`VirtioIommu::drain_eventfd`] as for any drain.
+    pub fn fences_due(&self, now: Instant) -> Option<Fence> {
+        let after = self.config.fence_after?;
+        let due = self.waiting_drains().filter(|d| {
+            !d.fence_claimed() && now >= d.started() + self.config.revoke_grace + after
+        });
+        Fence::claim(
+            due,
+            &self.shared,
+            self.space.endpoints.values().map(|e| &e.core),
+        )
     }
 
     /// Spins for at most `budget` waiting for the parked request's drain;

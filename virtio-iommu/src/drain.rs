@@ -20,6 +20,9 @@
 //!
 //! [`Drain::revoke`] asks the pins still held to end early (their revoke
 //! hooks, each called at most once); it does not complete the drain.
+//! [`Drain::claim_fence`] hands the pins still held to a fence
+//! (`crate::fence`), once per drain; a fenced pin releases the drain when
+//! the fence completes, not before.
 //! The tracker (`crate::tracker`) decides what a drain waits for; this
 //! module only counts, waits and revokes, through `Revocable`.
 
@@ -29,12 +32,25 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::sync::{lock, Arc, AtomicUsize, Condvar, Mutex, Ordering};
 
-/// A pin a drain waits for, which can be asked to end early.
+/// A pin a drain waits for, which can be asked to end early or be fenced.
 pub(crate) trait Revocable: Send + Sync {
     /// Calls the pin's revoke hook if it is still held and was not asked
     /// before; true if a hook was called.
     fn revoke(&self) -> bool;
+    /// Claims the pin for a fence: the guest-physical ranges (address,
+    /// length) its DMA may still write, if it is still held, was made
+    /// revocable and no other fence claimed it. A claimed pin keeps
+    /// holding every drain it holds.
+    fn claim_fence(&self) -> Option<Vec<(u64, u64)>>;
+    /// The claimed pin's pages are fenced: it stops holding any drain.
+    fn fence_done(&self);
+    /// The fence of the claimed pin failed: the claim ends, the pin keeps
+    /// holding its drains.
+    fn fence_failed(&self);
 }
+
+/// A pin claimed for a fence, with the ranges it covers.
+pub(crate) type FenceClaim = (std::sync::Arc<dyn Revocable>, Vec<(u64, u64)>);
 
 /// One invalidation waiting for in-flight DMA.
 ///
@@ -52,6 +68,10 @@ pub struct Drain {
     blockers: Mutex<Vec<std::sync::Arc<dyn Revocable>>>,
     started: Instant,
     finished: std::sync::Mutex<Option<Instant>>,
+    /// Set once its pins were handed to a fence (not part of the protocol
+    /// the loom models check: it only keeps a drain from being fenced
+    /// twice).
+    fence_claimed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Drain {
@@ -73,6 +93,7 @@ impl Drain {
             blockers: Mutex::new(Vec::new()),
             started: Instant::now(),
             finished: std::sync::Mutex::new(None),
+            fence_claimed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -119,6 +140,13 @@ impl Drain {
             let _ = n.write(1);
         }
         true
+    }
+
+    /// Pins and lease holds still waited for (model checks: a release
+    /// counted twice would wrap it around).
+    #[cfg(loom)]
+    pub(crate) fn remaining(&self) -> usize {
+        self.remaining.load(Ordering::Acquire)
     }
 
     /// Whether every collected pin has been released.
@@ -176,6 +204,28 @@ impl Drain {
         // this drain but must not find the list locked by its caller.
         let pending: Vec<std::sync::Arc<dyn Revocable>> = lock(&self.blockers).clone();
         pending.iter().filter(|pin| pin.revoke()).count()
+    }
+
+    /// Whether this drain's pins were handed to a fence.
+    pub fn fence_claimed(&self) -> bool {
+        self.fence_claimed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Claims, once per drain, every pin that still blocks it and can be
+    /// fenced (see `crate::fence`).
+    pub(crate) fn claim_fence(&self) -> Vec<FenceClaim> {
+        if self
+            .fence_claimed
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Vec::new();
+        }
+        let pending: Vec<std::sync::Arc<dyn Revocable>> = lock(&self.blockers).clone();
+        pending
+            .into_iter()
+            .filter_map(|pin| pin.claim_fence().map(|ranges| (pin, ranges)))
+            .collect()
     }
 }
 

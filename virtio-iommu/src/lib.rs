@@ -19,6 +19,7 @@
 //! - [`mapping`] — the per-domain interval map;
 //! - [`lease`] — the atomic protocol of long-held, revocable translations;
 //! - [`tracker`] — pins, drains and revocation (the invariant);
+//! - [`fence`] — guest pages taken from DMA the host cannot cancel;
 //! - [`translate`] — the endpoint handle, also a `vm_memory::Iommu`;
 //! - [`queue_area`] — virtqueue rings translated once, revoked strictly;
 //! - [`address_space`] — ATTACH/DETACH/MAP/UNMAP semantics;
@@ -41,6 +42,8 @@ pub mod metrics;
 pub mod protocol;
 mod sync;
 pub mod tracker;
+
+pub mod fence;
 
 pub mod address_space;
 pub mod events;
@@ -74,6 +77,7 @@ pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 #[cfg(not(loom))]
 pub use device::{EndpointOptions, Error, VirtioIommu, QUEUE_SIZE};
 pub use drain::Drain;
+pub use fence::Fence;
 pub use mapper::ExternalMapper;
 pub use mapping::{MapFlags, Mapping};
 pub use metrics::{Metrics, MetricsSnapshot};

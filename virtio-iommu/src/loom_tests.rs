@@ -29,6 +29,7 @@ fn space() -> AddressSpace {
         ..Default::default()
     };
     let shared = Arc::new(Shared {
+        fence_gate: Default::default(),
         bypass: crate::sync::AtomicBool::new(false),
         metrics: Arc::new(Metrics::default()),
         faults: FaultQueue::new(4),
@@ -432,4 +433,190 @@ fn reset_revokes_a_leased_ring() {
 #[should_panic(expected = "after the reply")]
 fn replying_without_waiting_for_ring_sections_is_caught() {
     lease_model(attached, |s| s.unmap(5, 0x1000, 0x1fff), true, false);
+}
+
+// ------------------------------------------------------------- fences
+//
+// The fence models: a revocable pin whose DMA the host cannot cancel. The
+// fencer claims the pins blocking the invalidation (`Fence::claim`, the
+// code `VirtioIommu::fences_due` runs), takes the guest's page away (the
+// model's `fenced` flag: from then on the DMA writes a page the guest no
+// longer sees) and completes the fence. No DMA may write the guest's page
+// after the reply, whether the drain ends by the pin's release or by the
+// fence, and no release may be counted twice.
+
+use crate::fence::Fence;
+
+/// What the fencer does with the fence it claims.
+#[derive(Clone, Copy, PartialEq)]
+enum Fencer {
+    /// Fences the page, then completes the fence.
+    Completes,
+    /// Cannot fence: drops the fence.
+    Fails,
+}
+
+fn fence_model(fencer: Fencer) {
+    counted_model(move || {
+        let mut s = space();
+        let ep = attached(&mut s);
+        let reclaimed = Arc::new(AtomicBool::new(false));
+        let fenced = Arc::new(AtomicBool::new(false));
+        let hook: crate::tracker::RevokeHook = {
+            let f: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(|| {});
+            Arc::from_std(f)
+        };
+        let (_, at) = ep
+            .pin(0, 0x1000, 8, Permissions::Write, Some(hook))
+            .expect("mapped");
+        let dev = {
+            let (ep, reclaimed, fenced) = (ep.clone(), reclaimed.clone(), fenced.clone());
+            thread::spawn(move || {
+                // The uncancellable DMA, still writing.
+                for _ in 0..2 {
+                    assert!(
+                        !reclaimed.load(SeqCst) || fenced.load(SeqCst),
+                        "DMA wrote the guest's page after the reply"
+                    );
+                    thread::yield_now();
+                }
+                ep.release(at);
+            })
+        };
+        let out = s.unmap(5, 0x1000, 0x1fff);
+        assert_eq!(out.status, Status::Ok);
+        let fencing = out.drain.clone().map(|d| {
+            let fenced = fenced.clone();
+            let shared = s.shared.clone();
+            thread::spawn(move || {
+                if let Some(f) = Fence::claim([&d], &shared, [&ep]) {
+                    assert_eq!(f.ranges()[0].gpa, 0x9000);
+                    if fencer == Fencer::Completes {
+                        // The guest's page is replaced before the fence
+                        // completes.
+                        fenced.store(true, SeqCst);
+                        f.complete();
+                    }
+                }
+            })
+        });
+        if let Some(d) = &out.drain {
+            d.wait();
+        }
+        // Reply published: the guest reuses its page.
+        reclaimed.store(true, SeqCst);
+        dev.join().unwrap();
+        if let Some(t) = fencing {
+            t.join().unwrap();
+        }
+        if let Some(d) = &out.drain {
+            assert_eq!(d.remaining(), 0, "a release was counted twice");
+        }
+    });
+}
+
+#[test]
+fn a_reply_follows_the_release_or_the_fence_of_every_pin() {
+    fence_model(Fencer::Completes);
+}
+
+#[test]
+fn a_failed_fence_leaves_the_reply_waiting_for_the_release() {
+    fence_model(Fencer::Fails);
+}
+
+/// The checker can fail: a fence that lets the pin go when it claims it,
+/// before the guest's page is replaced, is caught.
+#[test]
+#[should_panic(expected = "after the reply")]
+fn releasing_at_claim_time_is_caught() {
+    use crate::tracker::broken::FENCE_RELEASES_AT_CLAIM;
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FENCE_RELEASES_AT_CLAIM.store(false, SeqCst);
+        }
+    }
+    let _restore = Restore;
+    FENCE_RELEASES_AT_CLAIM.store(true, SeqCst);
+    fence_model(Fencer::Completes);
+}
+
+/// The gate model: the stuck pin is held throughout; while the fencer
+/// claims it, fences the page and completes, a second device pins the
+/// same guest page through another IOVA (revocably: a block request) and
+/// notes which generation of the page its DMA would write (the fencer
+/// replaces generation 0 by generation 1). A pin that writes generation 0
+/// after the page was replaced must have been revoked (its request ends
+/// with an error instead of reporting data the guest cannot see).
+fn fence_gate_model() {
+    counted_model(|| {
+        let mut s = space();
+        let ep = attached(&mut s);
+        assert_eq!(
+            s.map(5, 0x3000, 0x3fff, 0x9000, crate::MapFlags::READ_WRITE),
+            Status::Ok
+        );
+        let noop: crate::tracker::RevokeHook = {
+            let f: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(|| {});
+            Arc::from_std(f)
+        };
+        let (_, stuck) = ep
+            .pin(0, 0x1000, 8, Permissions::Write, Some(noop))
+            .unwrap();
+        let generation = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
+        let told = Arc::new(AtomicBool::new(false));
+        let dev = {
+            let (ep, generation, told) = (ep.clone(), generation.clone(), told.clone());
+            thread::spawn(move || {
+                let hook: crate::tracker::RevokeHook = {
+                    let told = told.clone();
+                    let f: std::sync::Arc<dyn Fn() + Send + Sync> =
+                        std::sync::Arc::new(move || told.store(true, SeqCst));
+                    Arc::from_std(f)
+                };
+                match ep.pin(1, 0x3000, 8, Permissions::Write, Some(hook)) {
+                    Ok((_, at)) => {
+                        // The I/O is issued: it pins this generation.
+                        let mine = generation.load(SeqCst);
+                        thread::yield_now();
+                        if mine == 0 && generation.load(SeqCst) == 1 {
+                            assert!(told.load(SeqCst), "DMA into a fenced page was not revoked");
+                        }
+                        ep.release(at);
+                    }
+                    Err(e) => assert_eq!(e, crate::TranslateError::Fenced),
+                }
+            })
+        };
+        let out = s.unmap(5, 0x1000, 0x1fff);
+        let d = out.drain.expect("the stuck pin holds the UNMAP");
+        let f = Fence::claim([&d], &s.shared, [&ep]).expect("the stuck pin is claimed");
+        generation.store(1, SeqCst);
+        f.complete();
+        d.wait();
+        dev.join().unwrap();
+        ep.release(stuck);
+    });
+}
+
+#[test]
+fn a_pin_on_a_page_being_fenced_is_refused_or_revoked() {
+    fence_gate_model();
+}
+
+/// The checker can fail: pins that ignore the gate are caught.
+#[test]
+#[should_panic(expected = "was not revoked")]
+fn a_pin_ignoring_the_gate_is_caught() {
+    use crate::tracker::broken::FENCE_GATE_OFF;
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FENCE_GATE_OFF.store(false, SeqCst);
+        }
+    }
+    let _restore = Restore;
+    FENCE_GATE_OFF.store(true, SeqCst);
+    fence_gate_model();
 }

@@ -123,6 +123,15 @@ pub struct Metrics {
     pub areas_revoked: AtomicU64,
     /// External mapper (VFIO) failures.
     pub mapper_errors: AtomicU64,
+    /// Fences completed (pages of uncancellable DMA taken from the guest).
+    pub fences: AtomicU64,
+    /// Guest pages those fences took.
+    pub pages_fenced: AtomicU64,
+    /// Fences the VMM could not complete (their invalidations went on
+    /// waiting for the DMA).
+    pub fence_failures: AtomicU64,
+    /// How long completed fences took, from hand-over to completion.
+    pub fence_time: Histogram,
 }
 
 impl Metrics {
@@ -172,6 +181,10 @@ impl Metrics {
             revocations: self.revocations.load(Ordering::Relaxed),
             areas_revoked: self.areas_revoked.load(Ordering::Relaxed),
             mapper_errors: self.mapper_errors.load(Ordering::Relaxed),
+            fences: self.fences.load(Ordering::Relaxed),
+            pages_fenced: self.pages_fenced.load(Ordering::Relaxed),
+            fence_failures: self.fence_failures.load(Ordering::Relaxed),
+            fence_time: self.fence_time.snapshot(),
         }
     }
 }
@@ -210,6 +223,14 @@ pub struct MetricsSnapshot {
     pub areas_revoked: u64,
     /// External mapper failures.
     pub mapper_errors: u64,
+    /// Fences completed.
+    pub fences: u64,
+    /// Guest pages fenced.
+    pub pages_fenced: u64,
+    /// Fences not completed.
+    pub fence_failures: u64,
+    /// Fence times.
+    pub fence_time: HistogramSnapshot,
 }
 
 impl std::fmt::Display for MetricsSnapshot {
@@ -235,7 +256,17 @@ impl std::fmt::Display for MetricsSnapshot {
         )?;
         writeln!(f, "  revocations: {}", self.revocations)?;
         writeln!(f, "  queue areas revoked: {}", self.areas_revoked)?;
-        write!(f, "  mapper errors: {}", self.mapper_errors)
+        writeln!(f, "  mapper errors: {}", self.mapper_errors)?;
+        write!(
+            f,
+            "  fences: {} pages: {} failed: {} time_us min/median<=/max: {}/{}/{}",
+            self.fences,
+            self.pages_fenced,
+            self.fence_failures,
+            self.fence_time.min_us,
+            self.fence_time.median_us_upper,
+            self.fence_time.max_us
+        )
     }
 }
 

@@ -114,6 +114,23 @@ struct PinRecord {
     revoke: Option<RevokeHook>,
     revoked: bool,
     waiters: Vec<Arc<Drain>>,
+    /// What the pin's DMA may write (revocable pins only: those can be
+    /// fenced, see `crate::fence`).
+    gpa: Option<GpaRanges>,
+    fence: PinFence,
+}
+
+/// Where a pin stands with fences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PinFence {
+    /// Not claimed by a fence.
+    None,
+    /// A fence is taking its pages away: it still holds its drains, and
+    /// invalidations still collect it.
+    Claimed,
+    /// Its pages are no longer the guest's: it holds nothing, and is not
+    /// collected again.
+    Done,
 }
 
 /// The in-flight pins of one endpoint: a slab with a free list, so insert
@@ -233,6 +250,65 @@ pub(crate) struct Shared {
     pub limits: Limits,
     /// Last IOVA of the input range: identity translation ends there too.
     pub input_end: u64,
+    /// Guest pages being fenced.
+    pub fence_gate: FenceGate,
+}
+
+/// Guest pages being fenced (`crate::fence`). Until their fence ends, a
+/// revocable pin whose ranges touch one is refused
+/// ([`TranslateError::Fenced`]): its DMA would pin a page that is about to
+/// stop being the guest's, and what it wrote would land where the guest
+/// cannot see it.
+///
+/// Ordering: a fence closes the gate before it scans the shards for the
+/// pins already on those pages (`EndpointCore::revoke_pins_on`), and a pin
+/// checks the gate under its shard's lock, so every revocable pin on a
+/// fenced page is either found by that scan or refused.
+#[derive(Default)]
+pub(crate) struct FenceGate {
+    /// Fences in progress: pins look at `pages` only when non-zero.
+    active: crate::sync::AtomicUsize,
+    /// (fence, first byte, last byte) of every range being fenced.
+    pages: Mutex<Vec<(u64, u64, u64)>>,
+    next_fence: std::sync::atomic::AtomicU64,
+}
+
+impl FenceGate {
+    /// Refuses revocable pins on `pages` until [`FenceGate::open`] with
+    /// the returned key.
+    pub(crate) fn close(&self, pages: &[GpaRange]) -> u64 {
+        let key = self
+            .next_fence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut v = lock(&self.pages);
+        v.extend(
+            pages
+                .iter()
+                .filter(|r| r.len > 0)
+                .map(|r| (key, r.gpa, r.gpa.saturating_add(r.len - 1))),
+        );
+        self.active.fetch_add(1, Ordering::AcqRel);
+        key
+    }
+
+    /// Lets pins on the pages of fence `key` through again.
+    pub(crate) fn open(&self, key: u64) {
+        lock(&self.pages).retain(|&(k, _, _)| k != key);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether `ranges` touch a page being fenced.
+    fn blocks(&self, ranges: &GpaRanges) -> bool {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let v = lock(&self.pages);
+        ranges.as_slice().iter().any(|r| {
+            let last = r.gpa.saturating_add(r.len.saturating_sub(1));
+            v.iter()
+                .any(|&(_, first, end)| r.gpa <= end && first <= last)
+        })
+    }
 }
 
 /// One shard of an endpoint: a copy of its attachment and the pins made
@@ -312,6 +388,10 @@ pub enum TranslateError {
     /// The endpoint holds too many leased translations.
     #[error("too many leased queue areas")]
     TooManyAreas,
+    /// A revocable pin would touch a guest page that is being fenced
+    /// ([`crate::fence`]); retrying after the fence succeeds.
+    #[error("guest page is being fenced")]
+    Fenced,
 }
 
 /// At most this many discontiguous GPA ranges per translation: bounds the
@@ -547,7 +627,11 @@ impl PinShard {
             return;
         }
         for (slot, rec) in st.pins.slots.iter_mut().enumerate() {
-            if let Some(rec) = rec.as_mut().filter(|r| affected(r)) {
+            // A fenced pin's DMA no longer reaches a guest page.
+            if let Some(rec) = rec
+                .as_mut()
+                .filter(|r| r.fence != PinFence::Done && affected(r))
+            {
                 let d = drain.drain();
                 d.add_blocker(std::sync::Arc::new(PinBlocker {
                     shard: this.clone(),
@@ -555,6 +639,72 @@ impl PinShard {
                     serial: rec.serial,
                 }));
                 rec.waiters.push(d.clone());
+            }
+        }
+    }
+
+    /// Claims the pin at `slot` for a fence (see [`Revocable::claim_fence`]).
+    fn claim_fence(&self, slot: u32, serial: u64) -> Option<Vec<(u64, u64)>> {
+        let mut st = lock(&self.state);
+        let rec = st.pins.slots.get_mut(slot as usize)?.as_mut()?;
+        if rec.serial != serial || rec.fence != PinFence::None {
+            return None;
+        }
+        let ranges = rec
+            .gpa
+            .as_ref()?
+            .as_slice()
+            .iter()
+            .map(|r| (r.gpa, r.len))
+            .collect();
+        rec.fence = PinFence::Claimed;
+        #[cfg(loom)]
+        if broken::FENCE_RELEASES_AT_CLAIM.load(std::sync::atomic::Ordering::SeqCst) {
+            rec.fence = PinFence::Done;
+            let waiters = std::mem::take(&mut rec.waiters);
+            drop(st);
+            for d in waiters {
+                d.release_one();
+            }
+        }
+        Some(ranges)
+    }
+
+    /// The claimed pin at `slot` is fenced: it releases every drain it
+    /// holds (outside the lock) and holds none from now on. A pin released
+    /// meanwhile has released them already.
+    fn fence_done(&self, slot: u32, serial: u64) {
+        let waiters = {
+            let mut st = lock(&self.state);
+            match st
+                .pins
+                .slots
+                .get_mut(slot as usize)
+                .and_then(Option::as_mut)
+            {
+                Some(rec) if rec.serial == serial && rec.fence == PinFence::Claimed => {
+                    rec.fence = PinFence::Done;
+                    std::mem::take(&mut rec.waiters)
+                }
+                _ => return,
+            }
+        };
+        for d in waiters {
+            d.release_one();
+        }
+    }
+
+    /// The fence of the claimed pin at `slot` failed: it is unclaimed.
+    fn fence_failed(&self, slot: u32, serial: u64) {
+        let mut st = lock(&self.state);
+        if let Some(rec) = st
+            .pins
+            .slots
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        {
+            if rec.serial == serial && rec.fence == PinFence::Claimed {
+                rec.fence = PinFence::None;
             }
         }
     }
@@ -578,6 +728,24 @@ pub(crate) mod broken {
     /// Invalidations collect the pins of the primary shard only.
     pub(crate) static SCAN_PRIMARY_ONLY: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+    /// Revocable pins ignore the fence gate.
+    pub(crate) static FENCE_GATE_OFF: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+    /// A pin claimed for a fence stops holding its drains at once, before
+    /// the VMM has fenced its pages.
+    pub(crate) static FENCE_RELEASES_AT_CLAIM: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+}
+
+/// Whether pins check the fence gate: always (the loom models' broken
+/// variant does not).
+#[inline(always)]
+fn gate_checked() -> bool {
+    #[cfg(loom)]
+    if broken::FENCE_GATE_OFF.load(std::sync::atomic::Ordering::SeqCst) {
+        return false;
+    }
+    true
 }
 
 /// Whether invalidations collect the pins of shard `index`: always (the
@@ -673,11 +841,16 @@ impl EndpointCore {
             // The lookup comes first, so that a bad range is reported as
             // such whatever the pin count.
             let (ranges, via) = st.lookup(&self.shared, index, iova, len, access)?;
+            // Under the shard lock: see `FenceGate`.
+            if revoke.is_some() && gate_checked() && self.shared.fence_gate.blocks(&ranges) {
+                return Err(TranslateError::Fenced);
+            }
             if st.pins.live() >= shard.cap {
                 continue;
             }
             let serial = st.pins.next_serial;
             st.pins.next_serial += 1;
+            let gpa = revoke.as_ref().map(|_| ranges.clone());
             let slot = st.pins.insert(PinRecord {
                 serial,
                 via,
@@ -686,6 +859,8 @@ impl EndpointCore {
                 revoke,
                 revoked: false,
                 waiters: Vec::new(),
+                gpa,
+                fence: PinFence::None,
             });
             return Ok((
                 ranges,
@@ -801,6 +976,38 @@ impl EndpointCore {
         for d in lease.exit() {
             d.release_one();
         }
+    }
+
+    /// Asks every revocable pin whose pages touch `pages` and that no fence
+    /// claimed to end early (its holder ends its I/O with an error): the
+    /// DMA of such a pin may land in a page that a fence is taking from the
+    /// guest. Returns the hooks, to be called with no lock held; each pin's
+    /// hook is taken once, as by revocation.
+    pub(crate) fn revoke_pins_on(&self, pages: &[GpaRange]) -> Vec<RevokeHook> {
+        let touches = |gpa: &GpaRanges| {
+            gpa.as_slice().iter().any(|r| {
+                let last = r.gpa.saturating_add(r.len.saturating_sub(1));
+                pages.iter().any(|p| {
+                    p.gpa <= last && r.gpa <= p.gpa.saturating_add(p.len.saturating_sub(1))
+                })
+            })
+        };
+        let mut hooks = Vec::new();
+        for shard in &self.shards {
+            let mut st = lock(&shard.state);
+            for rec in st.pins.slots.iter_mut().flatten() {
+                if rec.fence == PinFence::None
+                    && !rec.revoked
+                    && rec.gpa.as_ref().is_some_and(touches)
+                {
+                    if let Some(h) = &rec.revoke {
+                        rec.revoked = true;
+                        hooks.push(h.clone());
+                    }
+                }
+            }
+        }
+        hooks
     }
 
     /// Forgets a leased translation (its owner let it go).
@@ -967,6 +1174,18 @@ struct PinBlocker {
 }
 
 impl Revocable for PinBlocker {
+    fn claim_fence(&self) -> Option<Vec<(u64, u64)>> {
+        self.shard.claim_fence(self.slot, self.serial)
+    }
+
+    fn fence_done(&self) {
+        self.shard.fence_done(self.slot, self.serial);
+    }
+
+    fn fence_failed(&self) {
+        self.shard.fence_failed(self.slot, self.serial);
+    }
+
     fn revoke(&self) -> bool {
         let Some(hook) = self.shard.take_revoke(self.slot, self.serial) else {
             return false;

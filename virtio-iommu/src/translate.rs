@@ -83,7 +83,8 @@ impl EndpointHandle {
             TranslateError::BadRange
             | TranslateError::TooFragmented
             | TranslateError::TooManyPins
-            | TranslateError::TooManyAreas => return,
+            | TranslateError::TooManyAreas
+            | TranslateError::Fenced => return,
         };
         self.core.shared.faults.report(f, &self.core.shared.metrics);
     }
