@@ -20,7 +20,7 @@
 //!
 //! [`Drain::revoke`] asks the pins still held to end early (their revoke
 //! hooks, each called at most once); it does not complete the drain.
-//! [`Drain::claim_fence`] hands the pins still held to a fence
+//! `Drain::claim_fence` hands the pins still held to a fence
 //! (`crate::fence`), once per drain; a fenced pin releases the drain when
 //! the fence completes, not before.
 //! The tracker (`crate::tracker`) decides what a drain waits for; this
