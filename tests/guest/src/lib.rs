@@ -50,6 +50,15 @@ pub const VMM_EXTRA_ARGS: &str = "VIRTIO_IOMMU_TEST_VMM_ARGS";
 /// need it (and say SKIP without it).
 pub const CH_REMOTE_ENV: &str = "VIRTIO_IOMMU_TEST_CH_REMOTE";
 
+/// The `ch-remote` binary named by [`CH_REMOTE_ENV`].
+fn ch_remote_path() -> Result<PathBuf, String> {
+    std::env::var_os(CH_REMOTE_ENV)
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            format!("snapshot_restore needs {CH_REMOTE_ENV} (Cloud Hypervisor's ch-remote)")
+        })
+}
+
 /// The `KEY=VALUE` pairs of [`VMM_EXTRA_ENV`].
 fn vmm_extra_env() -> Vec<(String, String)> {
     std::env::var(VMM_EXTRA_ENV)
@@ -968,14 +977,11 @@ impl Bed {
                 ));
             }
             let initrd = work.join("l1-initrd.cpio");
-            let ch_remote =
-                if s.snapshot_restore {
-                    Some(PathBuf::from(std::env::var_os(CH_REMOTE_ENV).ok_or_else(|| {
-                    format!("snapshot_restore needs {CH_REMOTE_ENV} (Cloud Hypervisor's ch-remote)")
-                })?))
-                } else {
-                    None
-                };
+            let ch_remote = if s.snapshot_restore {
+                Some(ch_remote_path()?)
+            } else {
+                None
+            };
             build_l1_initrd(
                 &self.images.l1_initrd,
                 &initrd,
