@@ -326,11 +326,15 @@ impl VirtioIommu {
     /// started, for the earliest invalidation not handed to a fence yet.
     /// `None` without [`IommuConfig::fence_after`].
     pub fn fence_deadline(&self) -> Option<Instant> {
-        let after = self.config.fence_after?;
         self.waiting_drains()
             .filter(|d| !d.fence_claimed())
-            .map(|d| d.started() + self.config.revoke_grace + after)
+            .filter_map(|d| self.fence_due_at(d))
             .min()
+    }
+
+    /// When `d`'s pins are due for a fence; `None` without `fence_after`.
+    fn fence_due_at(&self, d: &Drain) -> Option<Instant> {
+        Some(d.started() + self.config.revoke_grace + self.config.fence_after?)
     }
 
     /// The pins still holding the invalidations whose fence deadline has
@@ -343,10 +347,10 @@ impl VirtioIommu {
     /// calls [`Fence::complete`]; the replies follow through
     /// [`VirtioIommu::drain_eventfd`] as for any drain.
     pub fn fences_due(&self, now: Instant) -> Option<Fence> {
-        let after = self.config.fence_after?;
-        let due = self.waiting_drains().filter(|d| {
-            !d.fence_claimed() && now >= d.started() + self.config.revoke_grace + after
-        });
+        self.config.fence_after?;
+        let due = self
+            .waiting_drains()
+            .filter(|d| !d.fence_claimed() && self.fence_due_at(d).is_some_and(|t| now >= t));
         Fence::claim(
             due,
             &self.shared,

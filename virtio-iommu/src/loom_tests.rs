@@ -58,6 +58,13 @@ fn counted_model(f: impl Fn() + Sync + Send + 'static) {
     });
 }
 
+/// A revoke hook running `f` (loom's `Arc` does not coerce to a trait
+/// object itself).
+fn hook(f: impl Fn() + Send + Sync + 'static) -> crate::tracker::RevokeHook {
+    let f: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(f);
+    Arc::from_std(f)
+}
+
 fn device_thread(
     ep: Arc<EndpointCore>,
     shard: usize,
@@ -279,12 +286,9 @@ fn lease_model(
         let reclaimed = Arc::new(AtomicBool::new(false));
         let told = Arc::new(AtomicBool::new(false));
         let lease = Arc::new(Lease::new());
-        let hook: crate::tracker::RevokeHook = {
+        let hook = {
             let told = told.clone();
-            // loom's Arc does not coerce to a trait object itself.
-            let f: std::sync::Arc<dyn Fn() + Send + Sync> =
-                std::sync::Arc::new(move || told.store(true, SeqCst));
-            Arc::from_std(f)
+            hook(move || told.store(true, SeqCst))
         };
         // Leased before the threads start when a second thread shares it;
         // otherwise the device leases concurrently with the invalidation.
@@ -462,12 +466,8 @@ fn fence_model(fencer: Fencer) {
         let ep = attached(&mut s);
         let reclaimed = Arc::new(AtomicBool::new(false));
         let fenced = Arc::new(AtomicBool::new(false));
-        let hook: crate::tracker::RevokeHook = {
-            let f: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(|| {});
-            Arc::from_std(f)
-        };
         let (_, at) = ep
-            .pin(0, 0x1000, 8, Permissions::Write, Some(hook))
+            .pin(0, 0x1000, 8, Permissions::Write, Some(hook(|| {})))
             .expect("mapped");
         let dev = {
             let (ep, reclaimed, fenced) = (ep.clone(), reclaimed.clone(), fenced.clone());
@@ -557,25 +557,19 @@ fn fence_gate_model() {
             s.map(5, 0x3000, 0x3fff, 0x9000, crate::MapFlags::READ_WRITE),
             Status::Ok
         );
-        let noop: crate::tracker::RevokeHook = {
-            let f: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(|| {});
-            Arc::from_std(f)
-        };
         let (_, stuck) = ep
-            .pin(0, 0x1000, 8, Permissions::Write, Some(noop))
+            .pin(0, 0x1000, 8, Permissions::Write, Some(hook(|| {})))
             .unwrap();
         let generation = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
         let told = Arc::new(AtomicBool::new(false));
         let dev = {
             let (ep, generation, told) = (ep.clone(), generation.clone(), told.clone());
             thread::spawn(move || {
-                let hook: crate::tracker::RevokeHook = {
+                let revoke = {
                     let told = told.clone();
-                    let f: std::sync::Arc<dyn Fn() + Send + Sync> =
-                        std::sync::Arc::new(move || told.store(true, SeqCst));
-                    Arc::from_std(f)
+                    hook(move || told.store(true, SeqCst))
                 };
-                match ep.pin(1, 0x3000, 8, Permissions::Write, Some(hook)) {
+                match ep.pin(1, 0x3000, 8, Permissions::Write, Some(revoke)) {
                     Ok((_, at)) => {
                         // The I/O is issued: it pins this generation.
                         let mine = generation.load(SeqCst);

@@ -78,6 +78,19 @@ pub struct GpaRange {
     pub len: u64,
 }
 
+impl GpaRange {
+    /// The last byte of the range (the first for an empty one), without
+    /// wrapping past the top of the address space.
+    pub(crate) fn last(&self) -> u64 {
+        self.gpa.saturating_add(self.len.saturating_sub(1))
+    }
+
+    /// Whether the range shares a byte with `[first, last]`.
+    pub(crate) fn touches(&self, first: u64, last: u64) -> bool {
+        self.gpa <= last && first <= self.last()
+    }
+}
+
 /// A translation domain as seen by the translation path.
 ///
 /// Aligned so that two domains never share a cache line: pins on
@@ -285,7 +298,7 @@ impl FenceGate {
             pages
                 .iter()
                 .filter(|r| r.len > 0)
-                .map(|r| (key, r.gpa, r.gpa.saturating_add(r.len - 1))),
+                .map(|r| (key, r.gpa, r.last())),
         );
         self.active.fetch_add(1, Ordering::AcqRel);
         key
@@ -303,11 +316,10 @@ impl FenceGate {
             return false;
         }
         let v = lock(&self.pages);
-        ranges.as_slice().iter().any(|r| {
-            let last = r.gpa.saturating_add(r.len.saturating_sub(1));
-            v.iter()
-                .any(|&(_, first, end)| r.gpa <= end && first <= last)
-        })
+        ranges
+            .as_slice()
+            .iter()
+            .any(|r| v.iter().any(|&(_, first, last)| r.touches(first, last)))
     }
 }
 
@@ -985,12 +997,9 @@ impl EndpointCore {
     /// hook is taken once, as by revocation.
     pub(crate) fn revoke_pins_on(&self, pages: &[GpaRange]) -> Vec<RevokeHook> {
         let touches = |gpa: &GpaRanges| {
-            gpa.as_slice().iter().any(|r| {
-                let last = r.gpa.saturating_add(r.len.saturating_sub(1));
-                pages.iter().any(|p| {
-                    p.gpa <= last && r.gpa <= p.gpa.saturating_add(p.len.saturating_sub(1))
-                })
-            })
+            gpa.as_slice()
+                .iter()
+                .any(|r| pages.iter().any(|p| r.touches(p.gpa, p.last())))
         };
         let mut hooks = Vec::new();
         for shard in &self.shards {

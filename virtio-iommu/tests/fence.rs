@@ -48,6 +48,12 @@ fn unmap_parked(h: &mut Harness) {
     assert!(!process(h), "replied with DMA in flight");
 }
 
+/// Posts the parked UNMAP and waits until its pins are due for a fence.
+fn unmap_until_fence_deadline(h: &mut Harness) {
+    unmap_parked(h);
+    sleep_until(h.dev.fence_deadline().unwrap());
+}
+
 fn sleep_until(t: Instant) {
     std::thread::sleep(t.saturating_duration_since(Instant::now()));
 }
@@ -110,8 +116,7 @@ fn a_pin_still_held_at_the_fence_deadline_is_fenced_and_the_unmap_replies() {
 fn a_fence_the_vmm_drops_leaves_the_unmap_waiting_for_the_pin() {
     let mut h = setup(Some(FENCE_AFTER));
     let pin = revocable_pin(&h, 0x1000, 8);
-    unmap_parked(&mut h);
-    sleep_until(h.dev.fence_deadline().unwrap());
+    unmap_until_fence_deadline(&mut h);
     drop(h.dev.fences_due(Instant::now()).expect("a fence is due"));
     assert_eq!(h.dev.metrics().snapshot().fence_failures, 1);
     assert!(!process(&mut h), "a failed fence replied");
@@ -125,8 +130,7 @@ fn a_fence_the_vmm_drops_leaves_the_unmap_waiting_for_the_pin() {
 fn a_pin_released_while_its_fence_runs_releases_the_drain_once() {
     let mut h = setup(Some(FENCE_AFTER));
     let pin = revocable_pin(&h, 0x1000, 8);
-    unmap_parked(&mut h);
-    sleep_until(h.dev.fence_deadline().unwrap());
+    unmap_until_fence_deadline(&mut h);
     let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
     drop(pin);
     assert!(process(&mut h), "the release completes the drain");
@@ -144,8 +148,7 @@ fn pins_that_cannot_be_revoked_are_not_fenced() {
         .unwrap()
         .pin(0x1000, 8, Permissions::Write)
         .unwrap();
-    unmap_parked(&mut h);
-    sleep_until(h.dev.fence_deadline().unwrap());
+    unmap_until_fence_deadline(&mut h);
     assert!(h.dev.fences_due(Instant::now()).is_none());
     drop(pin);
     assert!(process(&mut h));
@@ -155,8 +158,7 @@ fn pins_that_cannot_be_revoked_are_not_fenced() {
 fn an_invalidation_that_finds_a_claimed_pin_waits_for_the_fence() {
     let mut h = setup(Some(FENCE_AFTER));
     let _pin = revocable_pin(&h, 0x1000, 8);
-    unmap_parked(&mut h);
-    sleep_until(h.dev.fence_deadline().unwrap());
+    unmap_until_fence_deadline(&mut h);
     let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
     // A reset while the fence runs collects the claimed pin too.
     assert!(!h.dev.reset(), "reset completed with a claimed pin");
@@ -209,8 +211,7 @@ fn other_dma_into_a_fenced_page_is_revoked_and_new_dma_refused_until_the_fence_e
             Arc::new(move || t.store(true, std::sync::atomic::Ordering::SeqCst)),
         )
         .unwrap();
-    unmap_parked(&mut h);
-    sleep_until(h.dev.fence_deadline().unwrap());
+    unmap_until_fence_deadline(&mut h);
     let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
     assert_eq!(
         fence.ranges(),
