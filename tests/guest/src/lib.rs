@@ -524,7 +524,8 @@ impl Outcome {
 
     /// Nested route: L2 ended without the scenario's result line because
     /// it triple-faulted or hung until L1 stopped the VMM (SIGTERM: exit
-    /// status 143, or SIGKILL: 137). Both happen on the nested bed with upstream Cloud Hypervisor too (about 1 in 17
+    /// status 143, or SIGKILL: 137; Cloud Hypervisor exits 0 on SIGTERM,
+    /// so for it L1's `L1-VMM-DEADLINE` line tells). Both happen on the nested bed with upstream Cloud Hypervisor too (about 1 in 17
     /// churn runs) and with the reference VMM (about 1 in 10 one-vCPU
     /// boots), cause not established; the runner retries such a run (up to
     /// [`NESTED_RETRIES`] times) and says so, so a VMM that loses every
@@ -539,8 +540,16 @@ impl Outcome {
             .any(|l| l.contains("triple fault") || l.contains("triple-faulted"));
         self.route == Route::Nested
             && ((self.agent_result(scenario).is_none()
-                && (triple_fault || matches!(self.vmm_exit(), Some(137 | 143))))
+                && (triple_fault
+                    || matches!(self.vmm_exit(), Some(137 | 143))
+                    || self.vmm_reached_deadline()))
                 || (triple_fault && self.l2_boots() > 1))
+    }
+
+    /// Nested route: the VMM still ran when L1's deadline for it came, and
+    /// L1 printed its threads (`L1-VMM-THREAD` lines) before ending it.
+    pub fn vmm_reached_deadline(&self) -> bool {
+        self.lines.iter().any(|l| l.starts_with("L1-VMM-DEADLINE"))
     }
 
     /// How many times L2's init started (more than once: the guest was
@@ -911,12 +920,13 @@ impl Bed {
                 .collect();
             // SIGTERM first: the VMM then says where the guest's vCPUs
             // are before it exits (status 143); SIGKILL 5 s later.
-            let vmm = |secs: u64| {
+            let vmm_cmd = |secs: u64| {
                 format!(
                     "{env}timeout -s TERM -k 5 {secs} /vmm/vmm {}",
                     quoted.join(" ")
                 )
             };
+            let vmm = |secs: u64| watched_vmm(&vmm_cmd(secs), secs);
             if !s.l1_prelude.is_empty() {
                 script.push_str(&s.l1_prelude);
                 script.push('\n');
@@ -926,7 +936,7 @@ impl Bed {
                     return Err("snapshot_restore runs the VMM once, without CPU marks".into());
                 }
                 let secs = s.timeout.as_secs().saturating_sub(20).max(10);
-                script.push_str(&snapshot_restore_script(&vmm(secs), secs));
+                script.push_str(&snapshot_restore_script(&vmm_cmd(secs), secs));
             } else if s.repeat > 1 {
                 script.push_str(&format!(
                     "for i in $(seq {}); do\n\
@@ -1162,6 +1172,31 @@ fn snapshot_restore_script(run: &str, secs: u64) -> String {
          wait\n\
          rc=$(cat /tmp/vmm-rc)\n\
          echo \"L1-RESULT vmm_exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"\n"
+    )
+}
+
+/// Wraps the VMM command `cmd` (which L1's `timeout` ends after `secs`)
+/// in a watchdog: if the VMM still runs 2 s before that, L1 prints
+/// `L1-VMM-DEADLINE` and the state and wait channel of each VMM thread
+/// (`L1-VMM-THREAD`). A VMM that exits 0 on SIGTERM (Cloud Hypervisor)
+/// then still shows that it was ended, and the threads tell an L2 that
+/// hung (vCPUs in `KVM_RUN`) from a VMM that deadlocked (vCPUs waiting on
+/// a futex). The command's exit status is kept.
+fn watched_vmm(cmd: &str, secs: u64) -> String {
+    format!(
+        "( wd=/tmp/vmm-watch.$(cut -d' ' -f1 /proc/uptime)\n\
+         end=$(( $(cut -d. -f1 /proc/uptime) + {secs} - 2 ))\n\
+         ( while [ ! -e $wd ] && [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do sleep 1; done\n\
+         if [ ! -e $wd ] && p=$(pidof vmm); then\n\
+         echo \"L1-VMM-DEADLINE pid=$p uptime=$(cut -d' ' -f1 /proc/uptime)\"\n\
+         for t in /proc/$p/task/*; do \
+         echo \"L1-VMM-THREAD $(cat $t/comm) state=$(sed 's/.*) //' $t/stat | cut -d' ' -f1) \
+         wchan=$(cat $t/wchan 2>/dev/null)\"; done\n\
+         fi ) &\n\
+         w=$!\n\
+         {cmd}\n\
+         rc=$?\n\
+         : > $wd; wait $w; rm -f $wd; exit $rc )"
     )
 }
 
@@ -1815,6 +1850,16 @@ mod tests {
         assert!(died.l2_lost("churn"));
         assert!(mk(&["AGENT-START scenario=churn", "L1-RESULT vmm_exit=137"]).l2_lost("churn"));
         assert!(mk(&["AGENT-START scenario=churn", "L1-RESULT vmm_exit=143"]).l2_lost("churn"));
+        // Cloud Hypervisor ended by SIGTERM at L1's deadline exits 0.
+        let ch_hung = mk(&[
+            "AGENT-START scenario=churn",
+            "L1-VMM-DEADLINE pid=160 uptime=225.1",
+            "L1-VMM-THREAD vcpu0 state=R wchan=0",
+            "L1-RESULT vmm_exit=0",
+        ]);
+        assert!(ch_hung.vmm_reached_deadline());
+        assert!(ch_hung.l2_lost("churn"));
+        assert!(!mk(&["AGENT-START scenario=churn", "L1-RESULT vmm_exit=0"]).l2_lost("churn"));
         let done = mk(&[
             "AGENT-RESULT scenario=churn status=fail",
             "L1-RESULT vmm_exit=0",
