@@ -579,6 +579,17 @@ impl PinShard {
     }
 
     /// Releases a pin; completes the drains that waited only for it.
+    /// Whether the pin in `slot` (with `serial`) was fenced: a fence
+    /// took its pages from the guest (see [`crate::fence`]).
+    fn fenced(&self, slot: u32, serial: u64) -> bool {
+        let st = lock(&self.state);
+        st.pins
+            .slots
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.serial == serial && r.fence == PinFence::Done)
+    }
+
     pub(crate) fn release(&self, slot: u32, serial: u64) {
         let rec = lock(&self.state).pins.remove(slot, serial);
         if let Some(rec) = rec {
@@ -1073,6 +1084,17 @@ impl Pin {
     /// Length of the pinned range in bytes.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// Whether a fence took this pin's pages from the guest
+    /// ([`crate::fence`]): the guest-physical pages it covers are no
+    /// longer the ones the DMA reaches. The holder must then not write
+    /// them through the guest's address space either (a status byte, a
+    /// copy): the translation it was made through is gone, and the write
+    /// would land in the guest's fresh page. It completes the request in a
+    /// way the guest can see without those pages (an error, or a reset).
+    pub fn fenced(&self) -> bool {
+        self.shard.fenced(self.slot, self.serial)
     }
 
     /// Always false: a pin covers at least one byte.

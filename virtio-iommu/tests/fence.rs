@@ -95,7 +95,9 @@ fn a_pin_still_held_at_the_fence_deadline_is_fenced_and_the_unmap_replies() {
     // Claimed, not yet fenced: the reply still waits.
     assert!(!process(&mut h));
     assert!(h.dev.drain_eventfd().read().is_err());
+    assert!(!pin.fenced());
     fence.complete();
+    assert!(pin.fenced(), "the holder learns its pages were taken");
     assert_eq!(h.dev.drain_eventfd().read().unwrap(), 1);
     assert!(process(&mut h));
     assert_eq!(h.posted_status(0), Status::Ok as u8);
@@ -119,6 +121,7 @@ fn a_fence_the_vmm_drops_leaves_the_unmap_waiting_for_the_pin() {
     unmap_until_fence_deadline(&mut h);
     drop(h.dev.fences_due(Instant::now()).expect("a fence is due"));
     assert_eq!(h.dev.metrics().snapshot().fence_failures, 1);
+    assert!(!pin.fenced(), "a failed fence took nothing");
     assert!(!process(&mut h), "a failed fence replied");
     assert!(h.dev.fences_due(Instant::now()).is_none());
     drop(pin);
