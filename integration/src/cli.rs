@@ -77,9 +77,15 @@ pub struct Args {
     /// busy host; default on). drain=off: UNSAFE control mode, reply to
     /// UNMAP/DETACH/ATTACH without waiting for in-flight DMA and never
     /// revoke cached ring translations, as upstream VMMs do (default on).
+    /// fence_ms=N: when DMA that cannot be cancelled still holds an
+    /// invalidation N ms after the revocation grace (100 ms), take its
+    /// pages from the guest (vCPUs held, each page copied into a fresh
+    /// one) and reply; needs direct=on on every iommu=on disk and no
+    /// iommu=on passed-through device (default: wait for the DMA). Test
+    /// control, UNSAFE: _fence_hold=off fences with the vCPUs running.
     #[arg(
         long,
-        value_name = "poll_us=N[,idle_poll=on|off][,inline_first=on|off][,drain=on|off]",
+        value_name = "poll_us=N[,idle_poll=on|off][,inline_first=on|off][,drain=on|off][,fence_ms=N]",
         default_value = "poll_us=10000"
     )]
     pub iommu: String,
@@ -435,7 +441,14 @@ pub fn parse_iommu(s: &str) -> Result<IommuOptions, ConfigError> {
     for (k, v) in split_kv(
         "iommu",
         s,
-        &["poll_us", "idle_poll", "inline_first", "drain"],
+        &[
+            "poll_us",
+            "idle_poll",
+            "inline_first",
+            "drain",
+            "fence_ms",
+            "_fence_hold",
+        ],
     )? {
         match k {
             "poll_us" => {
@@ -449,6 +462,15 @@ pub fn parse_iommu(s: &str) -> Result<IommuOptions, ConfigError> {
             "idle_poll" => o.idle_poll = parse_on_off("iommu", k, v)?,
             "inline_first" => o.inline_first = parse_on_off("iommu", k, v)?,
             "drain" => o.drain = parse_on_off("iommu", k, v)?,
+            "fence_ms" => {
+                let ms: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n <= 600_000)
+                    .ok_or_else(|| invalid("iommu", format!("fence_ms={v:?}: 0..=600000")))?;
+                o.fence_after = Some(std::time::Duration::from_millis(ms));
+            }
+            "_fence_hold" => o.fence_hold = parse_on_off("iommu", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
     }
@@ -713,6 +735,8 @@ mod tests {
                 idle_poll,
                 inline_first: true,
                 drain,
+                fence_after: None,
+                fence_hold: true,
             })
         };
         assert_eq!(parse_iommu("poll_us=0"), o(Duration::ZERO, false, true));
@@ -732,6 +756,12 @@ mod tests {
         assert!(parse_iommu("poll_us=-1").is_err());
         assert!(parse_iommu("poll_us=2000000").is_err());
         assert!(parse_iommu("spin=1").is_err());
+        assert_eq!(
+            parse_iommu("fence_ms=250").unwrap().fence_after,
+            Some(Duration::from_millis(250))
+        );
+        assert!(parse_iommu("fence_ms=-1").is_err());
+        assert!(parse_iommu("fence_ms=700000").is_err());
     }
 
     #[test]

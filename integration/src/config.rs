@@ -121,6 +121,13 @@ pub struct IommuOptions {
     /// Invalidations wait for in-flight DMA (`drain=`, default on; off is
     /// the unsafe upstream-like control mode).
     pub drain: bool,
+    /// Fence the pages of DMA still in flight this long after the
+    /// revocation grace (`fence_ms=`; `None`: wait for the DMA however
+    /// long it takes). See `crate::fence`.
+    pub fence_after: Option<Duration>,
+    /// UNSAFE test control (`_fence_hold=off`): fence without holding the
+    /// vCPUs (guest writes during a fence can be lost).
+    pub fence_hold: bool,
 }
 
 impl Default for IommuOptions {
@@ -130,6 +137,8 @@ impl Default for IommuOptions {
             idle_poll: false,
             inline_first: true,
             drain: true,
+            fence_after: None,
+            fence_hold: true,
         }
     }
 }

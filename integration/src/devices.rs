@@ -15,8 +15,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::acpi::IommuTopology;
 use crate::config::{DeviceConfig, VmConfig};
+use crate::fence::PageFencer;
 use crate::pci::msix::GsiRouter;
 use crate::pci::{BarAllocator, Bdf, PciBus, BAR_WINDOW_END, BAR_WINDOW_START};
+use crate::vcpu_hold::VcpuHold;
 use crate::vfio::dma::{Ledger, LedgerMapper};
 use crate::vfio::PassthroughReport;
 use crate::virtio::block::{Block, DiskReport};
@@ -80,7 +82,12 @@ impl Builder<'_> {
 }
 
 /// Builds the bus for `cfg`. Errors name the device and what to do.
-pub fn build(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<PciSetup, String> {
+pub fn build(
+    cfg: &VmConfig,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    hold: &Arc<VcpuHold>,
+) -> Result<PciSetup, String> {
     if cfg.disks.len() + cfg.devices.len() > usize::from(32 - FIRST_DISK_DEVICE) {
         return Err(format!(
             "too many PCI devices: {} disks and {} passed-through devices in {} slots",
@@ -106,7 +113,7 @@ pub fn build(cfg: &VmConfig, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Pc
     let mut metrics = None;
     let mut inspector = None;
     if cfg.disks.iter().any(|d| d.iommu) || cfg.devices.iter().any(|d| d.iommu) {
-        let mut iommu = new_iommu(cfg, mem)?;
+        let mut iommu = new_iommu(cfg, mem, hold)?;
         let mut endpoints = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             if d.iommu {
@@ -172,7 +179,10 @@ fn open_devices<'c>(cfg: &'c VmConfig, vm: &VmFd) -> Result<Vec<Opened<'c>>, Str
 }
 
 /// The virtio-iommu with the configured options.
-fn new_iommu(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Iommu, String> {
+fn new_iommu(cfg: &VmConfig, mem: &GuestMemoryMmap, hold: &Arc<VcpuHold>) -> Result<Iommu, String> {
+    if cfg.iommu.fence_after.is_some() {
+        check_fenceable(cfg)?;
+    }
     if !cfg.iommu.drain {
         log::warn!(
             "UNSAFE: --iommu drain=off: UNMAP, DETACH and ATTACH reply without waiting \
@@ -187,14 +197,52 @@ fn new_iommu(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Iommu, String> {
         virtio_iommu::IommuConfig {
             drain: cfg.iommu.drain,
             address_width_bits: cfg.platform.iommu_address_width,
+            fence_after: cfg.iommu.fence_after,
             ..Default::default()
         },
         cfg.iommu.poll,
     )
     .map_err(|e| format!("virtio-iommu: {e}"))?;
+    if cfg.iommu.fence_after.is_some() {
+        let mut fencer = PageFencer::new(mem.clone(), hold.clone());
+        if !cfg.iommu.fence_hold {
+            log::warn!(
+                "UNSAFE: --iommu _fence_hold=off: fences replace guest pages while the vCPUs \
+                 run; guest writes to those pages during a fence are lost (a control mode for \
+                 tests only)"
+            );
+            eprintln!("vmm: WARNING: --iommu _fence_hold=off is unsafe (see the log)");
+            fencer = fencer.without_holding_vcpus();
+        }
+        iommu.set_fencer(fencer);
+    }
     iommu.set_idle_poll(cfg.iommu.idle_poll);
     iommu.set_inline_first(cfg.iommu.inline_first);
     Ok(iommu)
+}
+
+/// Refuses `--iommu fence_ms=` where a fence could not keep its promise
+/// (see `crate::fence`): a buffered disk's late reads are copied into
+/// whatever page is at the address when they complete, and a VFIO
+/// container keeps mapping the old pages.
+fn check_fenceable(cfg: &VmConfig) -> Result<(), String> {
+    if let Some(d) = cfg.disks.iter().find(|d| d.iommu && !d.direct) {
+        return Err(format!(
+            "--iommu fence_ms= needs direct=on on every iommu=on disk ({} has direct=off: \
+             its reads complete through the VMM's address space, which a fence cannot \
+             redirect); add direct=on or drop fence_ms",
+            d.path.display()
+        ));
+    }
+    if let Some(d) = cfg.devices.iter().find(|d| d.iommu) {
+        return Err(format!(
+            "--iommu fence_ms= cannot be used with a passed-through device behind the \
+             IOMMU ({}): its VFIO container would keep mapping the fenced pages; drop \
+             fence_ms or put the device at iommu=off",
+            d.path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Makes the `iommu=on` device `o` an endpoint whose mapper is its

@@ -27,6 +27,7 @@ use crate::cpu::setup_vcpu;
 use crate::layout::*;
 use crate::pci::PciBus;
 use crate::rtc::{Rtc, RTC_DATA, RTC_INDEX};
+use crate::vcpu_hold::{VcpuHold, VcpuSlot};
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +187,8 @@ pub struct Vm {
     disks: Vec<crate::virtio::block::DiskReport>,
     /// Per passed-through device summaries printed at exit.
     passthrough: Vec<crate::vfio::PassthroughReport>,
+    /// Where the vCPUs park when a fence holds them.
+    hold: Arc<VcpuHold>,
     _mem: GuestMemoryMmap,
 }
 
@@ -240,6 +243,7 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        let hold = VcpuHold::new(SIGRTMIN());
         // Linux takes CPUs and interrupt wiring from the ACPI MADT; the MP
         // table only serves guests booted with acpi=off.
         let mp = crate::mptable::build(cfg.cpus, crate::mptable::MPTABLE_START);
@@ -251,7 +255,7 @@ impl Vm {
             metrics,
             disks,
             passthrough,
-        } = crate::devices::build(cfg, &vm, &mem).map_err(VmError::Device)?;
+        } = crate::devices::build(cfg, &vm, &mem, &hold).map_err(VmError::Device)?;
         let acpi = crate::acpi::build(cfg.cpus, crate::acpi::RSDP_START, topology.as_ref());
         mem.write_slice(&acpi, GuestAddress(crate::acpi::RSDP_START))
             .map_err(|e| VmError::Memory(e.to_string()))?;
@@ -304,6 +308,7 @@ impl Vm {
             metrics,
             disks,
             passthrough,
+            hold,
             _mem: mem,
         })
     }
@@ -321,6 +326,7 @@ impl Vm {
             metrics,
             disks,
             mut passthrough,
+            hold,
             _mem,
         } = self;
         let (tx, rx) = mpsc::channel::<VmExit>();
@@ -343,11 +349,19 @@ impl Vm {
             let states = states.clone();
             let watches = watches.clone();
             let mem = _mem.clone();
+            let hold = hold.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let exit =
-                        vcpu_loop(id, &mut vcpu, &pio, &pci, (&states[id], &watches[id]), &mem);
+                    let slot = hold.register();
+                    let exit = vcpu_loop(
+                        id,
+                        &mut vcpu,
+                        (&pio, &pci),
+                        (&states[id], &watches[id], &slot),
+                        &mem,
+                    );
+                    drop(slot);
                     crate::trace::thread_exit();
                     let _ = tx.send(exit);
                     // Keep the fd open until the process exits.
@@ -727,13 +741,13 @@ pub fn describe_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
 fn vcpu_loop(
     id: usize,
     vcpu: &mut VcpuFd,
-    pio: &PioBus,
-    pci: &PciBus,
-    (state, watch): (&AtomicU8, &ExitWatch),
+    (pio, pci): (&PioBus, &PciBus),
+    (state, watch, slot): (&AtomicU8, &ExitWatch, &VcpuSlot),
     mem: &GuestMemoryMmap,
 ) -> VmExit {
     loop {
         watch.end();
+        slot.checkpoint();
         let r = vcpu.run();
         if !matches!(&r, Err(e) if e.errno() == libc::EINTR) {
             state.store(RUNNING, Ordering::Release);

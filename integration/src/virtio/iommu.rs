@@ -49,6 +49,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::idle_poll::IdlePoller;
 use super::poll_health::{PollHealth, PreemptionDetector};
 use super::{lock, ActivateError, ActiveQueue, NotifyMode, VirtioDevice, VirtioInterrupt};
+use crate::fence::PageFencer;
 
 /// Virtio device type of the IOMMU.
 pub const VIRTIO_ID_IOMMU: u32 = 23;
@@ -177,6 +178,8 @@ pub struct Iommu {
     /// served inline): to poll for the rest of the burst, and to arm the
     /// revocation of a request left parked.
     poll_wake: Option<EventFd>,
+    /// Takes pages from the guest when `fence_after` is configured.
+    fencer: Option<Arc<PageFencer>>,
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -213,6 +216,7 @@ impl Iommu {
             inline_first: false,
             health: PollHealth::new(),
             poll_wake: None,
+            fencer: None,
             stop: None,
             thread: None,
         })
@@ -266,6 +270,14 @@ impl Iommu {
         self.inline_first = on;
     }
 
+    /// Fences the pages of DMA that still holds an invalidation at the
+    /// crate's fence deadline (`IommuConfig::fence_after`); without a
+    /// fencer, invalidations wait for the DMA however long it takes.
+    /// Takes effect at the next activation.
+    pub fn set_fencer(&mut self, fencer: PageFencer) {
+        self.fencer = Some(Arc::new(fencer));
+    }
+
     /// The device's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
@@ -283,7 +295,13 @@ impl Iommu {
 
 /// The event thread: completes parked requests when their drain ends,
 /// revokes overdue pins, and delivers faults.
-fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut kicks: Kicks) {
+fn event_loop(
+    inner: Arc<Mutex<Inner>>,
+    mem: GuestMemoryMmap,
+    stop: EventFd,
+    mut kicks: Kicks,
+    fencer: Option<Arc<PageFencer>>,
+) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -334,22 +352,28 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
     // for their release without spinning, and report if it takes long.
     let mut revoked: Option<(*const virtio_iommu::Drain, Instant)> = None;
     loop {
-        let (drain, deadline) = {
+        let (drain, deadline, fence_at) = {
             let g = lock(&inner);
-            (g.dev.parked_drain(), g.dev.revoke_deadline())
+            let fence_at = fencer.as_ref().and_then(|_| g.dev.fence_deadline());
+            (g.dev.parked_drain(), g.dev.revoke_deadline(), fence_at)
         };
         let drain_id = drain.as_ref().map(Arc::as_ptr);
         if revoked.is_some_and(|(id, _)| Some(id) != drain_id) {
             revoked = None;
         }
+        let until = |t: Instant| {
+            let left = t.saturating_duration_since(Instant::now());
+            // Round up so that the deadline has passed on wake-up.
+            i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        };
         let timeout_ms = match (deadline, revoked) {
             (None, _) => -1,
             (Some(_), Some(_)) => REPORT_INTERVAL_MS,
-            (Some(d), None) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up so that the deadline has passed on wake-up.
-                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            }
+            (Some(d), None) => until(d),
+        };
+        let timeout_ms = match fence_at.map(until) {
+            Some(f) if timeout_ms < 0 || f < timeout_ms => f,
+            _ => timeout_ms,
         };
         let n = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
@@ -414,6 +438,40 @@ fn event_loop(inner: Arc<Mutex<Inner>>, mem: GuestMemoryMmap, stop: EventFd, mut
                 revoked = Some((Arc::as_ptr(&d), now));
             }
             _ => {}
+        }
+        if let Some(fencer) = &fencer {
+            if g.dev.fence_deadline().is_some_and(|t| now >= t) {
+                let fence = g.dev.fences_due(now);
+                // Fencing holds the vCPUs, which may wait for this lock.
+                drop(g);
+                if let Some(fence) = fence {
+                    run_fence(fencer, fence);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the fence's pages from the guest and lets the invalidations it
+/// holds reply; on failure they go on waiting for the DMA.
+fn run_fence(fencer: &PageFencer, fence: virtio_iommu::Fence) {
+    match fencer.fence(fence.ranges()) {
+        Ok(f) => {
+            fence.complete();
+            log::warn!(
+                "virtio-iommu: DMA the host cannot cancel still held an invalidation: \
+                 fenced {} pages (vCPUs stopped in {} us, held {} us)",
+                f.pages,
+                f.stop.as_micros(),
+                f.held.as_micros()
+            );
+        }
+        Err(e) => {
+            log::error!(
+                "virtio-iommu: fence of {} pages failed, the invalidation waits for the DMA: {e}",
+                fence.pages()
+            );
+            drop(fence);
         }
     }
 }
@@ -689,10 +747,11 @@ impl VirtioDevice for Iommu {
         let stop2 = stop.try_clone().map_err(|e| ActivateError(e.to_string()))?;
         let inner = self.inner.clone();
         let mem = self.mem.clone();
+        let fencer = self.fencer.clone();
         let t = std::thread::Builder::new()
             .name("virtio-iommu".into())
             .spawn(move || {
-                event_loop(inner, mem, stop2, kicks);
+                event_loop(inner, mem, stop2, kicks, fencer);
                 crate::trace::thread_exit();
             })
             .map_err(|e| ActivateError(e.to_string()))?;

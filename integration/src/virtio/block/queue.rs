@@ -209,6 +209,23 @@ impl Finish for Running {
     fn finish(&self, req: Request, status: u8, used: u64) {
         let head = req.head;
         self.trace(crate::trace::Event::BlkIoDone, u64::from(head));
+        if req.status_fenced() {
+            // The status byte's page was taken from the guest (a fence): a
+            // used entry would report a status the guest cannot see. The
+            // device stops instead; the driver resets it.
+            log::warn!("virtio-blk: request {head} ended after its status byte was fenced");
+            self.backend.io_errors.fetch_add(1, Ordering::Relaxed);
+            drop(req);
+            self.interrupt.needs_reset();
+            self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        // Data that went to fenced pages never reached the guest.
+        let status = if req.any_fenced() {
+            super::request::VIRTIO_BLK_S_IOERR
+        } else {
+            status
+        };
         if status == super::request::VIRTIO_BLK_S_IOERR {
             self.backend.io_errors.fetch_add(1, Ordering::Relaxed);
         }

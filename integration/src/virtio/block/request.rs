@@ -158,6 +158,25 @@ pub struct Request {
     _pins: Vec<Pin>,
 }
 
+impl Request {
+    /// Whether a fence took the page of the status byte's translation
+    /// (`virtio_iommu::Pin::fenced`): the guest removed that translation
+    /// while the request ran, and the page at its address is no longer the
+    /// one the device pinned. The device must not write the status byte,
+    /// nor publish a used entry whose status the guest cannot see.
+    pub fn status_fenced(&self) -> bool {
+        // The status byte is resolved (and pinned) first.
+        self._pins.first().is_some_and(Pin::fenced)
+    }
+
+    /// Whether a fence took pages of any of the request's buffers: its data
+    /// went (or goes) to pages the guest no longer sees, so the request can
+    /// only fail.
+    pub fn any_fenced(&self) -> bool {
+        self._pins.iter().any(Pin::fenced)
+    }
+}
+
 #[cfg(test)]
 impl Request {
     /// A request over host buffers, with nothing pinned (unit tests of
