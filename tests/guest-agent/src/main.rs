@@ -9,6 +9,7 @@
 mod blocked;
 mod disks;
 mod faults;
+mod fence;
 mod indirect;
 mod map_limit;
 mod perf;

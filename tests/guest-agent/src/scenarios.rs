@@ -387,6 +387,8 @@ pub(crate) struct RaceStats {
     changed_max: usize,
     /// Rounds after which the device status had DEVICE_NEEDS_RESET (ring).
     pub(crate) needs_reset: Option<u64>,
+    /// Guest writes into the invalidated pages that did not stick (fence).
+    pub(crate) lost_writes: Option<u64>,
 }
 
 impl RaceStats {
@@ -407,8 +409,12 @@ impl RaceStats {
             .needs_reset
             .map(|n| format!(" needs_reset={n}"))
             .unwrap_or_default();
+        let lost = self
+            .lost_writes
+            .map(|n| format!(" lost_writes={n}"))
+            .unwrap_or_default();
         format!(
-            "dma-race {variant}: rounds={} violations={}{needs_reset} {what} min/median/max={min}/{med}/{max}",
+            "dma-race {variant}: rounds={} violations={}{needs_reset}{lost} {what} min/median/max={min}/{med}/{max}",
             self.rounds, self.violations
         )
     }
@@ -418,8 +424,13 @@ impl RaceStats {
             self.inflight_at_unmap, self.status_ok, self.status_err, self.status_untouched, self.changed_max
         )
     }
+    /// Records the time of a round's invalidating step.
+    pub(crate) fn push_unmap_us(&mut self, us: u64) {
+        self.unmap_us.push(us);
+    }
+
     /// Records a round's canary check: `changed` bytes differ from it.
-    fn canary_checked(&mut self, changed: usize) {
+    pub(crate) fn canary_checked(&mut self, changed: usize) {
         if changed > 0 {
             self.violations += 1;
         }
@@ -427,7 +438,7 @@ impl RaceStats {
     }
 
     /// Ends a round; every 50 rounds, a progress line.
-    fn round_done(&mut self, variant: &str) {
+    pub(crate) fn round_done(&mut self, variant: &str) {
         self.rounds += 1;
         if self.rounds % 50 == 0 {
             say(&format!(
@@ -437,7 +448,7 @@ impl RaceStats {
         }
     }
 
-    fn count_status(&mut self, s: u8) {
+    pub(crate) fn count_status(&mut self, s: u8) {
         match s {
             0 => self.status_ok += 1,
             STATUS_UNTOUCHED => self.status_untouched += 1,
@@ -474,7 +485,12 @@ fn race_offsets(cfg: &RaceCfg, n: u64) -> (u64, u64) {
 
 /// Maps the buffer, submits the filler READ and the racing READ for round
 /// `n`, waits the pause and returns the slots that already completed.
-fn start_race(dev: &mut VirtioBlk, cfg: &RaceCfg, data: &HugeBuf, n: u64) -> Res<Vec<u16>> {
+pub(crate) fn start_race(
+    dev: &mut VirtioBlk,
+    cfg: &RaceCfg,
+    data: &HugeBuf,
+    n: u64,
+) -> Res<Vec<u16>> {
     let (fo, ro) = race_offsets(cfg, n);
     data.fill(0, cfg.race_len, 0x3c);
     dev.sess.map_dma(data.ptr, DATA_IOVA, HUGE_PAGE as u64)?;
@@ -692,6 +708,18 @@ pub fn dma_race(p: &Params) -> Res<String> {
             "detach" => race_detach(&disk.bdf, &cfg, &data, first)?,
             "ring" => race_ring(&disk.bdf, &cfg, &data, first)?,
             "reset" => race_reset(&disk.bdf, &cfg, &data, first)?,
+            "fence" | "fence-off" => {
+                let v = if v == "fence" { "fence" } else { "fence-off" };
+                let (mut st, lost, writer_elsewhere) =
+                    crate::fence::race_fence(&disk.bdf, &cfg, &data, first, v)?;
+                st.lost_writes = Some(lost);
+                if !writer_elsewhere {
+                    say(&format!(
+                        "dma-race {v}: the writer shared the UNMAP's CPU (one vCPU): lost_writes tests nothing"
+                    ));
+                }
+                st
+            }
             other => return Err(format!("unknown dma-race variant {other:?}")),
         };
         say(&st.summary(v));

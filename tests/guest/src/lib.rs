@@ -1577,6 +1577,8 @@ pub struct RaceSummary {
     pub needs_reset: Option<u64>,
     /// Time of the invalidating step (UNMAP, close, or reset), µs.
     pub unmap_us: (u64, u64, u64),
+    /// Guest writes into the invalidated pages that did not stick (fence).
+    pub lost_writes: Option<u64>,
 }
 
 impl RaceSummary {
@@ -1595,6 +1597,7 @@ impl RaceSummary {
             violations: kv.get("violations")?.parse().ok()?,
             needs_reset: kv.get("needs_reset").and_then(|v| v.parse().ok()),
             unmap_us,
+            lost_writes: kv.get("lost_writes").and_then(|v| v.parse().ok()),
         })
     }
 }
@@ -1775,6 +1778,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.variant.as_str(), r.needs_reset), ("ring", Some(5)));
+        assert_eq!(r.lost_writes, None);
+        let f = RaceSummary::parse(
+            "dma-race fence: rounds=3 violations=0 lost_writes=2 unmap_us min/median/max=4/5/6",
+        )
+        .unwrap();
+        assert_eq!((f.lost_writes, f.unmap_us), (Some(2), (4, 5, 6)));
         let r = RaceSummary::parse(
             "dma-race reset: rounds=4 violations=0 reset_us min/median/max=7/8/9",
         )
