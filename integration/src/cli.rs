@@ -32,13 +32,14 @@ pub struct Args {
     /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     pub cpus: String,
-    /// Guest RAM: size=512M|1G|...[,prefault=on|off]. prefault=on
-    /// allocates all of it and maps it into KVM's stage-2 page tables
-    /// before the guest runs (the guest then takes no nested page faults
-    /// for RAM).
+    /// Guest RAM: size=512M|1G|...[,prefault=on|off][,shared=on|off].
+    /// prefault=on allocates all of it and maps it into KVM's stage-2 page
+    /// tables before the guest runs (the guest then takes no nested page
+    /// faults for RAM). shared=on backs it by a memfd mapped shared (as
+    /// Cloud Hypervisor's shared=on) instead of private anonymous memory.
     #[arg(
         long,
-        value_name = "size=SIZE[,prefault=on]",
+        value_name = "size=SIZE[,prefault=on][,shared=on]",
         default_value = "size=512M"
     )]
     pub memory: String,
@@ -230,9 +231,10 @@ pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
 
 /// Parses `--memory`.
 pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
-    let kv = split_kv("memory", s, &["size", "prefault"])?;
+    let kv = split_kv("memory", s, &["size", "prefault", "shared"])?;
     let mut size = None;
     let mut prefault = false;
+    let mut shared = false;
     for (k, v) in kv {
         match k {
             "size" => {
@@ -251,11 +253,16 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
                 size = Some(n);
             }
             "prefault" => prefault = parse_on_off("memory", k, v)?,
+            "shared" => shared = parse_on_off("memory", k, v)?,
             _ => unreachable!("split_kv checked the key"),
         }
     }
     let size = size.ok_or_else(|| invalid("memory", "size=... is required"))?;
-    Ok(MemoryConfig { size, prefault })
+    Ok(MemoryConfig {
+        size,
+        prefault,
+        shared,
+    })
 }
 
 /// Parses one `--disk` value.
@@ -533,6 +540,7 @@ impl VmConfig {
             cpus: parse_cpus(&args.cpus)?,
             mem_size: memory.size,
             mem_prefault: memory.prefault,
+            mem_shared: memory.shared,
             disks: args
                 .disk
                 .iter()

@@ -98,6 +98,8 @@ pub struct VmConfig {
     /// Populate guest RAM, and map it for the guest, before it runs
     /// (`--memory prefault=on`).
     pub mem_prefault: bool,
+    /// Back guest RAM by a memfd mapped shared (`--memory shared=on`).
+    pub mem_shared: bool,
     pub disks: Vec<DiskConfig>,
     /// `--device`: passed-through host PCI devices.
     pub devices: Vec<DeviceConfig>,
@@ -150,6 +152,8 @@ pub struct MemoryConfig {
     pub size: u64,
     /// Populate it before the guest runs.
     pub prefault: bool,
+    /// Back it by a memfd mapped shared.
+    pub shared: bool,
 }
 
 /// `--platform` options.

@@ -9,9 +9,9 @@
 //!
 //! 1. hold the vCPUs;
 //! 2. copy the pages' bytes aside;
-//! 3. `mmap(MAP_FIXED)` fresh anonymous pages over them (KVM's MMU notifier
-//!    drops its mappings of the old pages; the guest's next access faults
-//!    the fresh ones in);
+//! 3. `mmap(MAP_FIXED)` fresh anonymous pages over them, or for shared RAM
+//!    punch them out of its memfd (KVM's MMU notifier drops its mappings
+//!    of the old pages; the guest's next access faults the fresh ones in);
 //! 4. write the bytes back into the fresh pages, let the vCPUs go.
 //!
 //! The old pages stay allocated while the kernel holds them for the I/O
@@ -37,10 +37,14 @@
 //!   fenced buffer (a guest that does that loses its own ring writes).
 //! - A VFIO container would keep mapping the old pages: fencing is refused
 //!   with a passed-through device behind the IOMMU.
-//! - Guest RAM is private anonymous memory in 4 KiB pages (this VMM has no
-//!   shared or hugepage-backed RAM); a range in a file-backed region is
-//!   refused, and the fence fails, leaving the invalidation waiting.
+//! - Guest RAM is private anonymous memory or a memfd mapped shared
+//!   (`--memory shared=on`), in 4 KiB pages: this VMM has no
+//!   hugepage-backed RAM to refuse. Shared RAM is fenced by punching the
+//!   pages out of the memfd and writing the bytes back (fresh pages);
+//!   another process mapping that memfd (vhost-user) would see the fresh
+//!   pages too, but its own DMA pins are not the crate's to fence.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +86,8 @@ pub struct PageFencer {
 struct Target {
     host: *mut u8,
     len: usize,
+    /// Shared RAM: the memfd and the range's offset in it.
+    file: Option<(RawFd, i64)>,
 }
 
 impl PageFencer {
@@ -159,31 +165,66 @@ impl PageFencer {
         {
             return Err(bad("crosses the end of a RAM region"));
         }
-        if region.file_offset().is_some() {
-            return Err(bad("file-backed RAM cannot be fenced"));
-        }
+        let file = match region.file_offset() {
+            None => None,
+            Some(fo) => {
+                let at = fo
+                    .start()
+                    .checked_add(offset)
+                    .and_then(|o| i64::try_from(o).ok())
+                    .ok_or_else(|| bad("file offset out of range"))?;
+                Some((fo.file().as_raw_fd(), at))
+            }
+        };
         let host = self
             .mem
             .get_host_address(GuestAddress(r.gpa))
             .map_err(|e| bad(&e.to_string()))?;
         let len = usize::try_from(r.len).map_err(|_| bad("too long"))?;
-        Ok(Target { host, len })
+        Ok(Target { host, len, file })
     }
 }
 
-/// Puts fresh anonymous pages holding the same bytes in place of
+/// Puts fresh pages holding the same bytes in place of
 /// `[t.host, t.host + t.len)`, after waiting `gap` between the copy and
-/// the replacement (test control only).
+/// the replacement (test control only). Private anonymous RAM gets fresh
+/// anonymous pages mapped over it; shared RAM (a memfd) gets the range
+/// punched out of the file, and the bytes written back fault fresh pages
+/// into it (the punch unmaps the old ones from every mapping, KVM's
+/// included, and the kernel's pin keeps them for the I/O).
 ///
 /// # Safety
 ///
-/// The range is whole pages of a private anonymous mapping that nothing
-/// else reads or writes during the call.
+/// The range is whole pages of guest RAM (a private anonymous mapping, or
+/// the shared mapping of `t.file`) that nothing else reads or writes
+/// during the call.
 unsafe fn replace(t: &Target, scratch: &mut [u8], gap: Option<Duration>) -> Result<(), String> {
     // SAFETY: the caller's range is mapped and `scratch` is `t.len` long.
     unsafe { std::ptr::copy_nonoverlapping(t.host, scratch.as_mut_ptr(), t.len) };
     if let Some(gap) = gap {
         std::thread::sleep(gap);
+    }
+    if let Some((fd, offset)) = t.file {
+        // SAFETY: punches whole pages of the guest RAM memfd; its shared
+        // mapping stays, and the next access faults fresh pages in.
+        let r = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                t.len as i64,
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "punching {} bytes out of the guest RAM memfd: {}",
+                t.len,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the shared mapping is still at `t.host`, `t.len` long.
+        unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), t.host, t.len) };
+        return Ok(());
     }
     // SAFETY: MAP_FIXED over the caller's range, which is whole pages of
     // an anonymous mapping that this VMM owns (guest RAM).
@@ -235,8 +276,18 @@ mod tests {
     /// kernel's pin of an O_DIRECT read holds) sees writes the guest never
     /// sees, and the other way round.
     #[test]
-    fn fenced_pages_keep_their_bytes_and_part_from_the_old_pages() {
-        let mem = mem();
+    fn fenced_private_pages_keep_their_bytes_and_part_from_the_old_pages() {
+        fenced_pages_keep_their_bytes_and_part_from_the_old_pages(mem());
+    }
+
+    #[test]
+    fn fenced_shared_pages_keep_their_bytes_and_part_from_the_old_pages() {
+        let ranges = [(GuestAddress(0), 1 << 20), (GuestAddress(1 << 20), 1 << 20)];
+        let mem = crate::memory::guest_ram(&ranges, true).unwrap();
+        fenced_pages_keep_their_bytes_and_part_from_the_old_pages(mem);
+    }
+
+    fn fenced_pages_keep_their_bytes_and_part_from_the_old_pages(mem: GuestMemoryMmap) {
         let pattern: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
         mem.write_slice(&pattern, GuestAddress(0x4000)).unwrap();
         let host = mem.get_host_address(GuestAddress(0x5000)).unwrap();

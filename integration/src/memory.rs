@@ -1,4 +1,6 @@
-//! Guest RAM: prefaulting (`--memory prefault=on`).
+//! Guest RAM: its backing (private anonymous memory, or a memfd mapped
+//! shared with `--memory shared=on`) and prefaulting (`--memory
+//! prefault=on`).
 //!
 //! By default guest RAM is allocated lazily: the guest's first access to a
 //! page exits to KVM, which faults the host page in and maps it (a nested
@@ -21,11 +23,43 @@
 //! On real hardware prefaulting only trades start-up time for fewer
 //! faults later.
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pre_fault_memory, KVMIO, KVM_CAP_PRE_FAULT_MEMORY};
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Guest RAM over `ranges`: private anonymous memory, or with `shared`
+/// one memfd mapped shared (each range at its own offset), as Cloud
+/// Hypervisor's `--memory shared=on` does.
+pub fn guest_ram(
+    ranges: &[(GuestAddress, usize)],
+    shared: bool,
+) -> Result<GuestMemoryMmap, String> {
+    if !shared {
+        return GuestMemoryMmap::from_ranges(ranges).map_err(|e| e.to_string());
+    }
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(total as u64)
+        .map_err(|e| format!("sizing the guest RAM memfd to {total} bytes: {e}"))?;
+    let mut offset = 0u64;
+    let mut with_files = Vec::with_capacity(ranges.len());
+    for &(addr, len) in ranges {
+        let f = file.try_clone().map_err(|e| e.to_string())?;
+        with_files.push((addr, len, Some(FileOffset::new(f, offset))));
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| e.to_string())
+}
 
 vmm_sys_util::ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, kvm_pre_fault_memory);
 
@@ -122,7 +156,22 @@ fn map_stage2(vcpu: &VcpuFd, gpa: u64, len: u64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::Bytes;
+
+    #[test]
+    fn shared_ram_is_one_memfd_at_consecutive_offsets() {
+        let ranges = [(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 2 << 20)];
+        let mem = guest_ram(&ranges, true).unwrap();
+        let offsets: Vec<u64> = mem
+            .iter()
+            .map(|r| r.file_offset().expect("file-backed").start())
+            .collect();
+        assert_eq!(offsets, [0, 1 << 20]);
+        mem.write_obj(0x1234_u32, GuestAddress(4 << 20)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(4 << 20)).unwrap(), 0x1234);
+        let private = guest_ram(&ranges, false).unwrap();
+        assert!(private.iter().all(|r| r.file_offset().is_none()));
+    }
 
     #[test]
     fn populate_keeps_contents() {

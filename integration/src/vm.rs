@@ -225,8 +225,7 @@ impl Vm {
             .into_iter()
             .map(|(s, l)| (GuestAddress(s), l as usize))
             .collect();
-        let mem =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
+        let mem = crate::memory::guest_ram(&ranges, cfg.mem_shared).map_err(VmError::Memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())

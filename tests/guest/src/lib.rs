@@ -268,6 +268,9 @@ pub struct Scenario {
     pub disks: Vec<DiskSpec>,
     pub cpus: u32,
     pub mem_mib: u64,
+    /// Extra options appended to the VMM's `--memory` value (e.g.
+    /// `shared=on`).
+    pub memory_opts: Option<String>,
     /// Hard limit for the whole run (QEMU or the direct VMM is killed).
     pub timeout: Duration,
     /// Nested route: boot L2 this many times in a row within one L1 boot
@@ -314,6 +317,7 @@ impl Scenario {
             disks: Vec::new(),
             cpus: 1,
             mem_mib: 512,
+            memory_opts: None,
             timeout: Duration::from_secs(120),
             repeat: 1,
             run_timeout: Duration::from_secs(60),
@@ -785,7 +789,10 @@ impl Bed {
             // Prefaulted RAM: L2 then takes no nested page faults for RAM,
             // and the bed's emulated SVM loses far fewer L2s to triple
             // faults (see integration/src/memory.rs).
-            format!("size={}M,prefault=on", s.mem_mib),
+            match &s.memory_opts {
+                Some(o) => format!("size={}M,prefault=on,{o}", s.mem_mib),
+                None => format!("size={}M,prefault=on", s.mem_mib),
+            },
         ];
         if !disks.is_empty() {
             a.push("--disk".into());

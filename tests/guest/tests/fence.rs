@@ -14,6 +14,8 @@
 //!   violations (the canary written after the reply survives the READ's
 //!   late DMA), 0 lost writes, and the READ ending with an error; I/O
 //!   after the fences is verified.
+//! - `dma_race_fence_shared_memory`: the same with guest RAM a memfd
+//!   mapped shared (`--memory shared=on`): pages are punched out of it.
 //! - `dma_race_fence_off_control`: the same without `fence_ms`; the UNMAP
 //!   must wait for the READ (its fastest round longer than the fenced
 //!   bound), which shows the fence is what bounds it.
@@ -38,10 +40,13 @@ const GRACE_MS: u64 = 100;
 /// What the fencing run configures.
 const FENCE_MS: u64 = 200;
 
-fn scenario(variant: &str, rounds: u64, iommu: Option<&str>) -> Scenario {
+fn scenario(variant: &str, rounds: u64, iommu: Option<&str>, shared: bool) -> Scenario {
     let bps = env_num("VIRTIO_IOMMU_TEST_FENCE_BPS", 32 * 1024);
     let mut s = Scenario::new("dma-race");
     s.cpus = 2;
+    if shared {
+        s.memory_opts = Some("shared=on".into());
+    }
     s.disks = vec![DiskSpec::new("slow", 256, true)
         .throttled(bps)
         .with_vmm_opts("direct=on")];
@@ -67,6 +72,7 @@ fn run(
     variant: &str,
     rounds: u64,
     iommu: Option<&str>,
+    shared: bool,
 ) -> Option<(Outcome, RaceSummary)> {
     let bed = bed_or_skip(test)?;
     if bed.route != Route::Nested {
@@ -74,7 +80,7 @@ fn run(
         return None;
     }
     let out = bed
-        .run(&scenario(variant, rounds, iommu))
+        .run(&scenario(variant, rounds, iommu, shared))
         .expect("guest run");
     report_timing(test, &out);
     assert!(!out.timed_out, "run timed out; {}", out.describe());
@@ -120,9 +126,19 @@ fn bound_us() -> u64 {
 
 #[test]
 fn dma_race_fence() {
+    fenced("dma_race_fence", false);
+}
+
+#[test]
+fn dma_race_fence_shared_memory() {
+    fenced("dma_race_fence_shared_memory", true);
+}
+
+/// The fenced run, guest RAM private (anonymous) or `shared` (a memfd).
+fn fenced(test: &str, shared: bool) {
     let rounds = env_num("VIRTIO_IOMMU_TEST_FENCE_ROUNDS", 3);
     let opts = format!("fence_ms={FENCE_MS}");
-    let Some((out, sum)) = run("dma_race_fence", "fence", rounds, Some(&opts)) else {
+    let Some((out, sum)) = run(test, "fence", rounds, Some(&opts), shared) else {
         return;
     };
     assert_eq!(
@@ -165,7 +181,13 @@ fn dma_race_fence() {
 #[test]
 fn dma_race_fence_off_control() {
     let rounds = env_num("VIRTIO_IOMMU_TEST_FENCE_OFF_ROUNDS", 2);
-    let Some((out, sum)) = run("dma_race_fence_off_control", "fence-off", rounds, None) else {
+    let Some((out, sum)) = run(
+        "dma_race_fence_off_control",
+        "fence-off",
+        rounds,
+        None,
+        false,
+    ) else {
         return;
     };
     assert_eq!(sum.violations, 0, "{}", out.describe());
@@ -188,6 +210,7 @@ fn dma_race_fence_unheld_control() {
         "fence",
         rounds,
         Some(&opts),
+        false,
     ) else {
         return;
     };
