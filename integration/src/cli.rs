@@ -32,7 +32,8 @@ pub struct Args {
     /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     pub cpus: String,
-    /// Guest RAM: size=512M|1G|...[,prefault=on|off][,shared=on|off].
+    /// Guest RAM: size=512M|1G|...,prefault=on|off,shared=on|off (both
+    /// optional, off by default).
     /// prefault=on allocates all of it and maps it into KVM's stage-2 page
     /// tables before the guest runs (the guest then takes no nested page
     /// faults for RAM). shared=on backs it by a memfd mapped shared (as
