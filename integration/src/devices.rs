@@ -223,22 +223,33 @@ fn new_iommu(cfg: &VmConfig, mem: &GuestMemoryMmap, hold: &Arc<VcpuHold>) -> Res
 
 /// Refuses `--iommu fence_ms=` where a fence could not keep its promise
 /// (see `crate::fence`): a buffered disk's late reads are copied into
-/// whatever page is at the address when they complete, and a VFIO
-/// container keeps mapping the old pages.
-fn check_fenceable(cfg: &VmConfig) -> Result<(), String> {
-    if let Some(d) = cfg.disks.iter().find(|d| d.iommu && !d.direct) {
+/// whatever page is at the address when they complete; a VFIO container
+/// (behind the IOMMU or not) keeps mapping the old pages; and a disk
+/// outside the IOMMU has no pin the fence can revoke, so its DMA into a
+/// page that shares a fenced buffer's page would land in the old page,
+/// lost to the guest, with a success status.
+pub(crate) fn check_fenceable(cfg: &VmConfig) -> Result<(), String> {
+    if let Some(d) = cfg.disks.iter().find(|d| !d.iommu) {
         return Err(format!(
-            "--iommu fence_ms= needs direct=on on every iommu=on disk ({} has direct=off: \
+            "--iommu fence_ms= needs every disk behind the IOMMU ({} has iommu=off: its \
+             DMA could land in a fenced page's old copy, which the guest no longer sees); \
+             put it at iommu=on or drop fence_ms",
+            d.path.display()
+        ));
+    }
+    if let Some(d) = cfg.disks.iter().find(|d| !d.direct) {
+        return Err(format!(
+            "--iommu fence_ms= needs direct=on on every disk ({} has direct=off: \
              its reads complete through the VMM's address space, which a fence cannot \
              redirect); add direct=on or drop fence_ms",
             d.path.display()
         ));
     }
-    if let Some(d) = cfg.devices.iter().find(|d| d.iommu) {
+    if let Some(d) = cfg.devices.first() {
         return Err(format!(
-            "--iommu fence_ms= cannot be used with a passed-through device behind the \
-             IOMMU ({}): its VFIO container would keep mapping the fenced pages; drop \
-             fence_ms or put the device at iommu=off",
+            "--iommu fence_ms= cannot be used with a passed-through device ({}): its VFIO \
+             container would keep mapping the old copy of a fenced page; drop fence_ms \
+             or the device",
             d.path.display()
         ));
     }
@@ -313,4 +324,57 @@ fn add_passthrough(
         mismatches: 0,
         max_checked_mappings: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_fenceable;
+    use crate::cli::Args;
+    use crate::config::VmConfig;
+    use clap::Parser;
+
+    fn cfg(extra: &[&str]) -> VmConfig {
+        let mut v = vec!["vmm", "--kernel", "/k", "--iommu", "fence_ms=200"];
+        v.extend_from_slice(extra);
+        VmConfig::parse(&Args::try_parse_from(v).expect("clap")).expect("config")
+    }
+
+    /// Only DMA the crate pins, into pages a fence can divert, may run
+    /// beside fencing: every disk behind the IOMMU and O_DIRECT, no VFIO.
+    #[test]
+    fn fencing_refuses_dma_that_bypasses_its_pins() {
+        let ok = cfg(&["--disk", "path=/a,iommu=on,direct=on"]);
+        assert!(check_fenceable(&ok).is_ok());
+        for (extra, word) in [
+            (
+                &[
+                    "--disk",
+                    "path=/a,iommu=on,direct=on",
+                    "--disk",
+                    "path=/b,direct=on",
+                ][..],
+                "iommu=off",
+            ),
+            (&["--disk", "path=/a,iommu=on"][..], "direct=off"),
+            (
+                &[
+                    "--disk",
+                    "path=/a,iommu=on,direct=on",
+                    "--device",
+                    "path=/sys/bus/pci/devices/0000:00:10.0",
+                ][..],
+                "passed-through",
+            ),
+            (
+                &[
+                    "--device",
+                    "path=/sys/bus/pci/devices/0000:00:10.0,iommu=on",
+                ][..],
+                "passed-through",
+            ),
+        ] {
+            let e = check_fenceable(&cfg(extra)).expect_err("refused");
+            assert!(e.contains(word), "{extra:?}: {e}");
+        }
+    }
 }

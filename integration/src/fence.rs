@@ -35,8 +35,11 @@
 //!   writes neither data nor status byte through it (`Pin::fenced`).
 //!   Not covered: a ring of a block queue placed in the same page as a
 //!   fenced buffer (a guest that does that loses its own ring writes).
-//! - A VFIO container would keep mapping the old pages: fencing is refused
-//!   with a passed-through device behind the IOMMU.
+//! - A VFIO container would keep mapping the old pages, and a disk outside
+//!   the IOMMU holds no pin the crate could revoke (its DMA into a page
+//!   shared with a fenced buffer would land in the old page with a success
+//!   status): fencing is refused with any passed-through device and with
+//!   any `iommu=off` disk (`devices::check_fenceable`).
 //! - Guest RAM is private anonymous memory or a memfd mapped shared
 //!   (`--memory shared=on`), in 4 KiB pages: this VMM has no
 //!   hugepage-backed RAM to refuse. Shared RAM is fenced by punching the
