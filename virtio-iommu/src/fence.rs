@@ -33,9 +33,10 @@
 //! - from its claim to its end a fence closes the tracker's `FenceGate`
 //!   on its pages: a revocable pin that would touch one is refused, and
 //!   those already there (other DMA into the same pages, through other
-//!   IOVAs or endpoints) are revoked, so that their holders end them with
-//!   an error rather than report data that went to a page the guest no
-//!   longer sees;
+//!   IOVAs or endpoints) are revoked and report `Pin::fenced` from then
+//!   on, so that their holders end them with an error rather than report
+//!   data that went to a page the guest no longer sees (a revocation
+//!   alone does not stop an I/O the host cannot cancel);
 //! - a [`Fence`] dropped without [`Fence::complete`] (the VMM could not
 //!   fence) unclaims its pins, which go on holding their drains.
 //!

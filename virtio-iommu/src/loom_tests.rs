@@ -547,8 +547,9 @@ fn releasing_at_claim_time_is_caught() {
 /// same guest page through another IOVA (revocably: a block request) and
 /// notes which generation of the page its DMA would write (the fencer
 /// replaces generation 0 by generation 1). A pin that writes generation 0
-/// after the page was replaced must have been revoked (its request ends
-/// with an error instead of reporting data the guest cannot see).
+/// after the page was replaced must have been revoked and must report
+/// `fenced` (its request ends with an error instead of reporting data the
+/// guest cannot see).
 fn fence_gate_model() {
     counted_model(|| {
         let mut s = space();
@@ -576,6 +577,10 @@ fn fence_gate_model() {
                         thread::yield_now();
                         if mine == 0 && generation.load(SeqCst) == 1 {
                             assert!(told.load(SeqCst), "DMA into a fenced page was not revoked");
+                            // Its data went to the old page if the I/O
+                            // could not be cancelled: it must not report
+                            // success.
+                            assert!(ep.fenced(at), "DMA into a fenced page reports success");
                         }
                         ep.release(at);
                     }
@@ -596,6 +601,23 @@ fn fence_gate_model() {
 
 #[test]
 fn a_pin_on_a_page_being_fenced_is_refused_or_revoked() {
+    fence_gate_model();
+}
+
+/// The checker can fail: a pin on a fenced page that reports success
+/// is caught.
+#[test]
+#[should_panic(expected = "reports success")]
+fn a_pin_sharing_a_fenced_page_that_reports_success_is_caught() {
+    use crate::tracker::broken::COLLATERAL_UNREPORTED;
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COLLATERAL_UNREPORTED.store(false, SeqCst);
+        }
+    }
+    let _restore = Restore;
+    COLLATERAL_UNREPORTED.store(true, SeqCst);
     fence_gate_model();
 }
 

@@ -131,6 +131,10 @@ struct PinRecord {
     /// fenced, see `crate::fence`).
     gpa: Option<GpaRanges>,
     fence: PinFence,
+    /// A fence claimed other pins on pages this one touches: its DMA may
+    /// land in a page taken from the guest, so it reports `fenced` (see
+    /// `EndpointCore::revoke_pins_on`).
+    on_fenced_page: bool,
 }
 
 /// Where a pin stands with fences.
@@ -580,14 +584,18 @@ impl PinShard {
 
     /// Releases a pin; completes the drains that waited only for it.
     /// Whether the pin in `slot` (with `serial`) was fenced: a fence
-    /// took its pages from the guest (see [`crate::fence`]).
+    /// took its pages from the guest, or claimed other pins on pages it
+    /// touches (see [`crate::fence`]).
     fn fenced(&self, slot: u32, serial: u64) -> bool {
         let st = lock(&self.state);
         st.pins
             .slots
             .get(slot as usize)
             .and_then(Option::as_ref)
-            .is_some_and(|r| r.serial == serial && r.fence == PinFence::Done)
+            .is_some_and(|r| {
+                r.serial == serial
+                    && (r.fence == PinFence::Done || (r.on_fenced_page && collateral_reported()))
+            })
     }
 
     pub(crate) fn release(&self, slot: u32, serial: u64) {
@@ -758,6 +766,20 @@ pub(crate) mod broken {
     /// the VMM has fenced its pages.
     pub(crate) static FENCE_RELEASES_AT_CLAIM: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+    /// A pin sharing a page with a fenced one does not report `fenced`.
+    pub(crate) static COLLATERAL_UNREPORTED: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+}
+
+/// Whether a pin that shares a fenced page reports `fenced`: always (the
+/// loom models' broken variant does not).
+#[inline(always)]
+fn collateral_reported() -> bool {
+    #[cfg(loom)]
+    if broken::COLLATERAL_UNREPORTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return false;
+    }
+    true
 }
 
 /// Whether pins check the fence gate: always (the loom models' broken
@@ -884,6 +906,7 @@ impl EndpointCore {
                 waiters: Vec::new(),
                 gpa,
                 fence: PinFence::None,
+                on_fenced_page: false,
             });
             return Ok((
                 ranges,
@@ -901,6 +924,12 @@ impl EndpointCore {
     #[cfg(loom)]
     pub(crate) fn release(&self, at: PinSlot) {
         self.shards[at.shard].release(at.slot, at.serial);
+    }
+
+    /// Whether the pin recorded at `at` reports fenced (`Pin::fenced`).
+    #[cfg(loom)]
+    pub(crate) fn fenced(&self, at: PinSlot) -> bool {
+        self.shards[at.shard].fenced(at.slot, at.serial)
     }
 
     /// Number of pins held, over all shards.
@@ -1004,8 +1033,11 @@ impl EndpointCore {
     /// Asks every revocable pin whose pages touch `pages` and that no fence
     /// claimed to end early (its holder ends its I/O with an error): the
     /// DMA of such a pin may land in a page that a fence is taking from the
-    /// guest. Returns the hooks, to be called with no lock held; each pin's
-    /// hook is taken once, as by revocation.
+    /// guest. Each such pin reports [`Pin::fenced`] from now on (revoked
+    /// earlier or not): if its I/O cannot be cancelled either, its data
+    /// lands in the old page, and the holder must not report success.
+    /// Returns the hooks, to be called with no lock held; each pin's hook
+    /// is taken once, as by revocation.
     pub(crate) fn revoke_pins_on(&self, pages: &[GpaRange]) -> Vec<RevokeHook> {
         let touches = |gpa: &GpaRanges| {
             gpa.as_slice()
@@ -1016,10 +1048,11 @@ impl EndpointCore {
         for shard in &self.shards {
             let mut st = lock(&shard.state);
             for rec in st.pins.slots.iter_mut().flatten() {
-                if rec.fence == PinFence::None
-                    && !rec.revoked
-                    && rec.gpa.as_ref().is_some_and(touches)
-                {
+                if rec.fence == PinFence::None && rec.gpa.as_ref().is_some_and(touches) {
+                    rec.on_fenced_page = true;
+                    if rec.revoked {
+                        continue;
+                    }
                     if let Some(h) = &rec.revoke {
                         rec.revoked = true;
                         hooks.push(h.clone());
@@ -1087,8 +1120,10 @@ impl Pin {
     }
 
     /// Whether a fence took this pin's pages from the guest
-    /// ([`crate::fence`]): the guest-physical pages it covers are no
-    /// longer the ones the DMA reaches. The holder must then not write
+    /// ([`crate::fence`]), or is taking pages this pin touches (the pin
+    /// was not claimed, but shares a page with one that was): the
+    /// guest-physical pages it covers may no longer be the ones the DMA
+    /// reaches. The holder must then not write
     /// them through the guest's address space either (a status byte, a
     /// copy): the translation it was made through is gone, and the write
     /// would land in the guest's fresh page. It completes the request in a

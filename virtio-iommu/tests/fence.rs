@@ -206,7 +206,7 @@ fn other_dma_into_a_fenced_page_is_revoked_and_new_dma_refused_until_the_fence_e
     let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t = told.clone();
     let ep = h.dev.endpoint(EP).unwrap();
-    let _other = ep
+    let other = ep
         .pin_revocable(
             0x5800,
             8,
@@ -214,6 +214,9 @@ fn other_dma_into_a_fenced_page_is_revoked_and_new_dma_refused_until_the_fence_e
             Arc::new(move || t.store(true, std::sync::atomic::Ordering::SeqCst)),
         )
         .unwrap();
+    // Another guest page, through a mapping the UNMAP leaves alone.
+    assert_eq!(h.map(1, 0x7000, 0x7fff, 0x20_000, RW), Some(Status::Ok));
+    let elsewhere = revocable_pin(&h, 0x7000, 8);
     unmap_until_fence_deadline(&mut h);
     let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
     assert_eq!(
@@ -224,8 +227,15 @@ fn other_dma_into_a_fenced_page_is_revoked_and_new_dma_refused_until_the_fence_e
         }]
     );
     // Its DMA may land in the page the guest is about to lose: its holder
-    // is told to end it with an error.
+    // is told to end it, and learns that if the I/O could not be
+    // cancelled its data went to a page the guest no longer has.
     assert!(told.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        other.fenced(),
+        "a pin sharing a fenced page must not report success"
+    );
+    // A pin elsewhere (another guest page) is not touched.
+    assert!(!elsewhere.fenced());
     // New DMA into that page waits for the fence to end; the VMM's own
     // synchronous accesses (not revocable) follow the guest's new page.
     assert_eq!(
