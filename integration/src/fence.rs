@@ -31,8 +31,12 @@
 //! - No VMM thread may write the pages during the copy: the vCPUs are
 //!   held, the IOMMU's own queues are served by the thread that fences (or
 //!   by a held vCPU), and the crate revokes and refuses every other pin on
-//!   the pages while the fence runs. A block request whose pin was fenced
-//!   writes neither data nor status byte through it (`Pin::fenced`).
+//!   the pages while the fence runs. A block request writes its status
+//!   byte and any data it copies (a bounce buffer) inside its pins' write
+//!   sections (`Pin::write_section`), which the crate's fence waits for
+//!   before it claims or marks the pins, and which do not open after: a
+//!   request whose pin was fenced writes neither data nor status byte
+//!   through it.
 //!   Not covered: a ring of a block queue placed in the same page as a
 //!   fenced buffer (a guest that does that loses its own ring writes).
 //! - A VFIO container would keep mapping the old pages, and a disk outside

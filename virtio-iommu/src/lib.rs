@@ -86,6 +86,6 @@ pub use protocol::Status;
 pub use queue_area::{AreaGuard, AreaSpec, QueueAreas, QueueMemory};
 #[cfg(not(loom))]
 pub use state::IommuState;
-pub use tracker::{GpaRange, Pin, RevokeHook, TranslateError};
+pub use tracker::{GpaRange, Pin, PinWrite, RevokeHook, TranslateError};
 #[cfg(not(loom))]
 pub use translate::EndpointHandle;

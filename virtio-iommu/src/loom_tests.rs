@@ -604,6 +604,80 @@ fn a_pin_on_a_page_being_fenced_is_refused_or_revoked() {
     fence_gate_model();
 }
 
+/// The write-section model: the stuck pin's holder and a second device
+/// whose pin shares the page (another IOVA) each write the page through
+/// the guest's address space in a write section (a status byte, a bounce
+/// copy), while the fencer claims the stuck pin, replaces the page
+/// (generation 0 by 1) and completes. A section must see one generation
+/// from its start to its end and that generation must be 0: no write
+/// lands while the fence copies the page, or after it replaced it.
+fn write_section_model() {
+    counted_model(|| {
+        let mut s = space();
+        let ep = attached(&mut s);
+        assert_eq!(
+            s.map(5, 0x3000, 0x3fff, 0x9000, crate::MapFlags::READ_WRITE),
+            Status::Ok
+        );
+        let (_, stuck) = ep
+            .pin(0, 0x1000, 8, Permissions::Write, Some(hook(|| {})))
+            .unwrap();
+        let (_, other) = ep
+            .pin(1, 0x3000, 8, Permissions::Write, Some(hook(|| {})))
+            .unwrap();
+        let generation = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
+        let writer = |at| {
+            let (ep, generation) = (ep.clone(), generation.clone());
+            thread::spawn(move || {
+                if ep.open_write(at) {
+                    let first = generation.load(SeqCst);
+                    thread::yield_now();
+                    let last = generation.load(SeqCst);
+                    assert_eq!(
+                        (first, last),
+                        (0, 0),
+                        "a write section ran while or after a fence replaced its page"
+                    );
+                    ep.close_write(at);
+                }
+            })
+        };
+        let (a, b) = (writer(stuck), writer(other));
+        let out = s.unmap(5, 0x1000, 0x1fff);
+        let d = out.drain.expect("the stuck pin holds the UNMAP");
+        let f = Fence::claim([&d], &s.shared, [&ep]).expect("the stuck pin is claimed");
+        generation.store(1, SeqCst);
+        f.complete();
+        d.wait();
+        a.join().unwrap();
+        b.join().unwrap();
+        ep.release(stuck);
+        ep.release(other);
+    });
+}
+
+#[test]
+fn a_write_section_ends_before_a_fence_copies_its_page_or_never_opens() {
+    write_section_model();
+}
+
+/// The checker can fail: a fence that does not wait for open write
+/// sections is caught.
+#[test]
+#[should_panic(expected = "while or after a fence replaced its page")]
+fn a_fence_ignoring_open_write_sections_is_caught() {
+    use crate::tracker::broken::SECTIONS_IGNORED;
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SECTIONS_IGNORED.store(false, SeqCst);
+        }
+    }
+    let _restore = Restore;
+    SECTIONS_IGNORED.store(true, SeqCst);
+    write_section_model();
+}
+
 /// The checker can fail: a pin on a fenced page that reports success
 /// is caught.
 #[test]

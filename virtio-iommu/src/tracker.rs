@@ -60,7 +60,7 @@ use crate::drain::{Drain, Revocable};
 use crate::lease::Lease;
 use crate::mapping::MappingTree;
 use crate::metrics::Metrics;
-use crate::sync::{lock, Arc, Mutex, MutexGuard, Ordering, ShardedRwLock};
+use crate::sync::{lock, Arc, Condvar, Mutex, MutexGuard, Ordering, ShardedRwLock};
 
 /// A callback asked to cancel the DMA a pin protects. It must not block on
 /// the tracker; it typically cancels an I/O whose completion drops the pin.
@@ -135,6 +135,10 @@ struct PinRecord {
     /// land in a page taken from the guest, so it reports `fenced` (see
     /// `EndpointCore::revoke_pins_on`).
     on_fenced_page: bool,
+    /// Open write sections (`Pin::write_section`): the holder is writing
+    /// the pin's pages through the guest's address space; a fence waits
+    /// for them to close before it claims or marks the pin.
+    writing: u32,
 }
 
 /// Where a pin stands with fences.
@@ -343,6 +347,8 @@ pub(crate) struct PinShard {
     cap: usize,
     /// Device-wide state.
     shared: Arc<Shared>,
+    /// Told when a pin's last write section closes (a fence may wait).
+    writes_closed: Condvar,
 }
 
 /// Where a pin's record is: its shard and slot, and the serial that tells
@@ -579,6 +585,7 @@ impl PinShard {
             }),
             cap,
             shared,
+            writes_closed: Condvar::new(),
         }
     }
 
@@ -596,6 +603,46 @@ impl PinShard {
                 r.serial == serial
                     && (r.fence == PinFence::Done || (r.on_fenced_page && collateral_reported()))
             })
+    }
+
+    /// Opens a write section on the pin in `slot` (see
+    /// [`Pin::write_section`]): false once a fence has claimed or marked
+    /// it.
+    fn open_write(&self, slot: u32, serial: u64) -> bool {
+        let mut st = lock(&self.state);
+        match st
+            .pins
+            .slots
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        {
+            Some(r) if r.serial == serial => {
+                if r.fence != PinFence::None || (r.on_fenced_page && collateral_reported()) {
+                    return false;
+                }
+                r.writing += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes a write section opened by [`PinShard::open_write`].
+    fn close_write(&self, slot: u32, serial: u64) {
+        let mut st = lock(&self.state);
+        if let Some(r) = st
+            .pins
+            .slots
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|r| r.serial == serial)
+        {
+            debug_assert!(r.writing > 0, "a write section closed twice");
+            r.writing = r.writing.saturating_sub(1);
+            if r.writing == 0 {
+                self.writes_closed.notify_all();
+            }
+        }
     }
 
     pub(crate) fn release(&self, slot: u32, serial: u64) {
@@ -677,6 +724,21 @@ impl PinShard {
     /// Claims the pin at `slot` for a fence (see [`Revocable::claim_fence`]).
     fn claim_fence(&self, slot: u32, serial: u64) -> Option<Vec<(u64, u64)>> {
         let mut st = lock(&self.state);
+        // A write section in progress ends before the claim (it is a
+        // bounded copy, and its holder takes no lock inside it): the fence
+        // then copies what it wrote, and no section opens after the claim.
+        while st
+            .pins
+            .slots
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.serial == serial && r.writing > 0 && sections_waited())
+        {
+            st = self
+                .writes_closed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
         let rec = st.pins.slots.get_mut(slot as usize)?.as_mut()?;
         if rec.serial != serial || rec.fence != PinFence::None {
             return None;
@@ -769,6 +831,21 @@ pub(crate) mod broken {
     /// A pin sharing a page with a fenced one does not report `fenced`.
     pub(crate) static COLLATERAL_UNREPORTED: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+    /// Fences claim and mark pins without waiting for their open write
+    /// sections.
+    pub(crate) static SECTIONS_IGNORED: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+}
+
+/// Whether fences wait for open write sections: always (the loom models'
+/// broken variant does not).
+#[inline(always)]
+fn sections_waited() -> bool {
+    #[cfg(loom)]
+    if broken::SECTIONS_IGNORED.load(std::sync::atomic::Ordering::SeqCst) {
+        return false;
+    }
+    true
 }
 
 /// Whether a pin that shares a fenced page reports `fenced`: always (the
@@ -907,6 +984,7 @@ impl EndpointCore {
                 gpa,
                 fence: PinFence::None,
                 on_fenced_page: false,
+                writing: 0,
             });
             return Ok((
                 ranges,
@@ -930,6 +1008,18 @@ impl EndpointCore {
     #[cfg(loom)]
     pub(crate) fn fenced(&self, at: PinSlot) -> bool {
         self.shards[at.shard].fenced(at.slot, at.serial)
+    }
+
+    /// Opens a write section on the pin at `at` (`Pin::write_section`).
+    #[cfg(loom)]
+    pub(crate) fn open_write(&self, at: PinSlot) -> bool {
+        self.shards[at.shard].open_write(at.slot, at.serial)
+    }
+
+    /// Closes a write section on the pin at `at`.
+    #[cfg(loom)]
+    pub(crate) fn close_write(&self, at: PinSlot) {
+        self.shards[at.shard].close_write(at.slot, at.serial)
     }
 
     /// Number of pins held, over all shards.
@@ -1047,6 +1137,19 @@ impl EndpointCore {
         let mut hooks = Vec::new();
         for shard in &self.shards {
             let mut st = lock(&shard.state);
+            // As for a claimed pin: write sections on these pages close
+            // first, and none opens once the pin is marked.
+            while st.pins.slots.iter().flatten().any(|r| {
+                r.writing > 0
+                    && r.fence == PinFence::None
+                    && r.gpa.as_ref().is_some_and(touches)
+                    && sections_waited()
+            }) {
+                st = shard
+                    .writes_closed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
             for rec in st.pins.slots.iter_mut().flatten() {
                 if rec.fence == PinFence::None && rec.gpa.as_ref().is_some_and(touches) {
                     rec.on_fenced_page = true;
@@ -1132,6 +1235,24 @@ impl Pin {
         self.shard.fenced(self.slot, self.serial)
     }
 
+    /// Opens a section in which the holder may write this pin's pages
+    /// through the guest's address space (a status byte, data copied from
+    /// a bounce buffer), or `None` once a fence has claimed or marked the
+    /// pin ([`Pin::fenced`]): the holder then writes nothing and ends the
+    /// request as for a fenced pin.
+    ///
+    /// A fence waits for open sections on its pages before it claims or
+    /// marks their pins, so a write made in a section lands before the
+    /// fence copies the page (and is copied with it), never in the old
+    /// page after the copy, nor in the guest's new page after the reply.
+    /// Keep a section to a bounded copy: take no lock and do no I/O in
+    /// it.
+    pub fn write_section(&self) -> Option<PinWrite<'_>> {
+        self.shard
+            .open_write(self.slot, self.serial)
+            .then(|| PinWrite { pin: self })
+    }
+
     /// Always false: a pin covers at least one byte.
     pub fn is_empty(&self) -> bool {
         false
@@ -1160,6 +1281,19 @@ impl std::fmt::Debug for Pin {
 impl Drop for Pin {
     fn drop(&mut self) {
         self.shard.release(self.slot, self.serial);
+    }
+}
+
+/// An open write section of a [`Pin`] (see [`Pin::write_section`]);
+/// dropping it closes the section.
+#[must_use = "the section closes when the guard is dropped"]
+pub struct PinWrite<'a> {
+    pin: &'a Pin,
+}
+
+impl Drop for PinWrite<'_> {
+    fn drop(&mut self) {
+        self.pin.shard.close_write(self.pin.slot, self.pin.serial);
     }
 }
 

@@ -250,3 +250,55 @@ fn other_dma_into_a_fenced_page_is_revoked_and_new_dma_refused_until_the_fence_e
         .is_ok());
     assert!(process(&mut h));
 }
+
+#[test]
+fn write_sections_open_until_a_fence_claims_or_marks_the_pin() {
+    let mut h = setup(Some(FENCE_AFTER));
+    assert_eq!(h.map(1, 0x5000, 0x5fff, 0x10_000, RW), Some(Status::Ok));
+    let stuck = revocable_pin(&h, 0x1000, 8);
+    let other = revocable_pin(&h, 0x5800, 8);
+    drop(
+        stuck
+            .write_section()
+            .expect("not fenced: the holder may write"),
+    );
+    unmap_until_fence_deadline(&mut h);
+    let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
+    assert!(stuck.write_section().is_none(), "claimed: no write");
+    assert!(
+        other.write_section().is_none(),
+        "on a fenced page: no write"
+    );
+    fence.complete();
+    assert!(stuck.write_section().is_none());
+    assert!(process(&mut h));
+}
+
+#[test]
+fn a_fence_waits_for_the_write_section_in_progress_on_its_pages() {
+    let mut h = setup(Some(FENCE_AFTER));
+    let stuck = Arc::new(revocable_pin(&h, 0x1000, 8));
+    unmap_until_fence_deadline(&mut h);
+    let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let (stuck, written) = (stuck.clone(), written.clone());
+        std::thread::spawn(move || {
+            let section = stuck.write_section().expect("not claimed yet");
+            opened_tx.send(()).unwrap();
+            // A copy into the page, slower than the fence's claim.
+            std::thread::sleep(Duration::from_millis(50));
+            written.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(section);
+        })
+    };
+    opened_rx.recv().unwrap();
+    let fence = h.dev.fences_due(Instant::now()).expect("a fence is due");
+    assert!(
+        written.load(std::sync::atomic::Ordering::SeqCst),
+        "the fence claimed the pin while its holder was still writing the page"
+    );
+    writer.join().unwrap();
+    fence.complete();
+    assert!(process(&mut h));
+}

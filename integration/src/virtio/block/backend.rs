@@ -13,8 +13,7 @@ use std::time::Duration;
 use super::direct::Direct;
 use super::host_io::{copy_into_bufs, rw};
 use super::request::{
-    Geometry, HostBuf, Kind, Request, SECTOR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP,
+    Geometry, Kind, Request, SECTOR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use crate::config::DiskConfig;
 
@@ -194,14 +193,14 @@ impl Backend {
         // The parser checked that the range is inside the disk.
         let offset = req.sector * SECTOR;
         match req.kind {
-            Kind::In => match self.transfer(&req.data, offset, false) {
+            Kind::In => match self.transfer(req, offset, false) {
                 Ok(()) => (VIRTIO_BLK_S_OK, req.data_len),
                 Err(e) => {
                     log::warn!("virtio-blk: read at sector {}: {e}", req.sector);
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             },
-            Kind::Out => match self.transfer(&req.data, offset, true) {
+            Kind::Out => match self.transfer(req, offset, true) {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     log::warn!("virtio-blk: write at sector {}: {e}", req.sector);
@@ -212,10 +211,11 @@ impl Backend {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(_) => (VIRTIO_BLK_S_IOERR, 0),
             },
-            Kind::GetId => (
-                VIRTIO_BLK_S_OK,
-                copy_into_bufs(&req.data, 0, &self.id) as u64,
-            ),
+            // Written in the pins' write sections (`Request::write_sections`).
+            Kind::GetId => match req.write_sections(|| copy_into_bufs(&req.data, 0, &self.id)) {
+                Some(n) => (VIRTIO_BLK_S_OK, n as u64),
+                None => (VIRTIO_BLK_S_IOERR, 0),
+            },
             Kind::Unsupported => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
@@ -270,7 +270,7 @@ impl Backend {
                 let op = if write { UringOp::Write } else { UringOp::Read };
                 let fd = match &self.direct {
                     None => Some(self.file.as_raw_fd()),
-                    Some(d) => d.fd_for(&self.file, &req.data, req.sector * SECTOR),
+                    Some(d) => d.fd_for(&self.file, &req.data, req.sector * SECTOR, write),
                 };
                 match fd {
                     Some(fd) => (op, fd),
@@ -293,11 +293,16 @@ impl Backend {
         (plan, fail)
     }
 
-    /// Reads (`write == false`) or writes the whole of `bufs` at `offset`,
-    /// directly when the disk is `direct=on`.
-    fn transfer(&self, bufs: &[HostBuf], offset: u64, write: bool) -> std::io::Result<()> {
+    /// Reads (`write == false`) or writes the whole of `req`'s data at
+    /// `offset`, directly when the disk is `direct=on` (a read copied from
+    /// a bounce buffer is copied in the pins' write sections).
+    fn transfer(&self, req: &Request, offset: u64, write: bool) -> std::io::Result<()> {
+        let bufs = &req.data;
         match &self.direct {
-            Some(d) => d.transfer(&self.file, bufs, offset, write),
+            Some(d) => d.transfer(&self.file, bufs, offset, write, &|pos, part| {
+                req.write_sections(|| copy_into_bufs(bufs, pos, part))
+                    .is_some()
+            }),
             None => rw(&self.file, bufs, offset, write),
         }
     }

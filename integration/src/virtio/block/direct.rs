@@ -4,11 +4,20 @@
 //! aligned bounce buffer (a bounded chunk at a time), and the rare request
 //! whose offset or length is not aligned goes through the page cache (the
 //! kernel keeps the two coherent).
+//!
+//! A read lands in guest memory only by O_DIRECT DMA into the pages pinned
+//! when it was issued, or by a copy the caller makes in the write sections
+//! of the request's pins (`copy_in`, `virtio_iommu::Pin::write_section`):
+//! a read the kernel would copy into the VMM's address space at completion
+//! (through the page cache) goes through a bounce buffer too. A fence
+//! (`crate::fence`) can then divert the first and waits for, or refuses,
+//! the second; a kernel copy at completion could land in the guest's new
+//! page after the invalidation replied.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::host_io::{copy_from_bufs, copy_into_bufs, rw};
+use super::host_io::{copy_from_bufs, rw};
 use super::request::HostBuf;
 use crate::config::DiskConfig;
 
@@ -83,33 +92,46 @@ impl Direct {
     }
 
     /// Which descriptor io_uring can run a transfer of `bufs` at `offset`
-    /// on: the O_DIRECT one when everything is aligned, `buffered` when
-    /// the offset or length is not (as `transfer` does); `None` when the
-    /// guest's buffers need a bounce buffer (`transfer` then does it).
-    pub fn fd_for(&self, buffered: &File, bufs: &[HostBuf], offset: u64) -> Option<RawFd> {
+    /// on: the O_DIRECT one when everything is aligned, `buffered` for a
+    /// write whose offset or length is not (as `transfer` does); `None`
+    /// when a bounce buffer is needed (`transfer` then does it): guest
+    /// buffers that are not aligned, or a read O_DIRECT cannot do.
+    pub fn fd_for(
+        &self,
+        buffered: &File,
+        bufs: &[HostBuf],
+        offset: u64,
+        write: bool,
+    ) -> Option<RawFd> {
         match self.path(bufs, offset) {
-            Path::PageCache => Some(buffered.as_raw_fd()),
+            Path::PageCache if write => Some(buffered.as_raw_fd()),
             Path::Direct => Some(self.file.as_raw_fd()),
-            Path::Bounce => None,
+            Path::PageCache | Path::Bounce => None,
         }
     }
 
     /// Reads (`write == false`) or writes the whole of `bufs` at `offset`;
-    /// `buffered` is the same image without O_DIRECT.
+    /// `buffered` is the same image without O_DIRECT. A read that does not
+    /// go straight into `bufs` by O_DIRECT lands in a bounce buffer, and
+    /// `copy_in(pos, bytes)` copies each chunk into `bufs` at `pos`; when
+    /// it refuses (a fence took the pages), the read fails.
     pub fn transfer(
         &self,
         buffered: &File,
         bufs: &[HostBuf],
         offset: u64,
         write: bool,
+        copy_in: &dyn Fn(usize, &[u8]) -> bool,
     ) -> std::io::Result<()> {
-        match self.path(bufs, offset) {
+        let file = match (self.path(bufs, offset), write) {
+            (Path::Direct, _) => return rw(&self.file, bufs, offset, write),
             // O_DIRECT cannot do it: through the page cache (coherent with
-            // O_DIRECT I/O of the same file).
-            Path::PageCache => return rw(buffered, bufs, offset, write),
-            Path::Direct => return rw(&self.file, bufs, offset, write),
-            Path::Bounce => {}
-        }
+            // O_DIRECT I/O of the same file), into a bounce buffer for a
+            // read.
+            (Path::PageCache, true) => return rw(buffered, bufs, offset, true),
+            (Path::PageCache, false) => buffered,
+            (Path::Bounce, _) => &self.file,
+        };
         let total: usize = bufs.iter().map(|b| b.len).sum();
         // An aligned bounce buffer, a chunk at a time (the chunk is a
         // multiple of any O_DIRECT alignment).
@@ -122,10 +144,14 @@ impl Direct {
             let host = [HostBuf::over(part)];
             if write {
                 copy_from_bufs(bufs, pos, part);
-                rw(&self.file, &host, offset + pos as u64, true)?;
+                rw(file, &host, offset + pos as u64, true)?;
             } else {
-                rw(&self.file, &host, offset + pos as u64, false)?;
-                copy_into_bufs(bufs, pos, part);
+                rw(file, &host, offset + pos as u64, false)?;
+                if !copy_in(pos, part) {
+                    return Err(std::io::Error::other(
+                        "a fence took the guest pages of the read's buffers",
+                    ));
+                }
             }
             pos += n;
         }
@@ -193,6 +219,7 @@ impl Drop for AlignedBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::super::host_io::copy_into_bufs;
     use super::*;
 
     #[test]
@@ -227,19 +254,46 @@ mod tests {
             *v = (i % 251) as u8;
         }
         let a = [HostBuf::over(aligned.as_mut_slice())];
-        d.transfer(&buffered, &a, 4096, true).unwrap();
+        d.transfer(&buffered, &a, 4096, true, &no_copy).unwrap();
         let mut odd = vec![0u8; 8192 + 3];
         let o = [HostBuf::over(&mut odd[3..])];
-        d.transfer(&buffered, &o, 4096, false).unwrap();
+        let copy_in = |pos: usize, part: &[u8]| {
+            copy_into_bufs(&o, pos, part);
+            true
+        };
+        d.transfer(&buffered, &o, 4096, false, &copy_in).unwrap();
         assert_eq!(&odd[3..], aligned.as_mut_slice());
         for v in odd[3..].iter_mut() {
             *v = v.wrapping_add(1);
         }
-        d.transfer(&buffered, &o, 512, true).unwrap();
+        d.transfer(&buffered, &o, 512, true, &no_copy).unwrap();
         let mut back = vec![0u8; 8192];
         let bk = [HostBuf::over(&mut back)];
-        d.transfer(&buffered, &bk, 512, false).unwrap();
+        let copy_back = |pos: usize, part: &[u8]| {
+            copy_into_bufs(&bk, pos, part);
+            true
+        };
+        d.transfer(&buffered, &bk, 512, false, &copy_back).unwrap();
         assert_eq!(back, &odd[3..]);
+        // Reads that O_DIRECT cannot do straight into guest memory (a
+        // misaligned buffer, a misaligned offset when the file system
+        // wants more than 512) go through `copy_in`; refused, they fail
+        // and write nothing.
+        for (buf_off, offset) in [(3, 4096), (0, 512)] {
+            let mut guest = vec![0xeeu8; 8192 + 3];
+            let g = [HostBuf::over(&mut guest[buf_off..buf_off + 8192])];
+            let straight = buf_off == 0 && offset % d.off_align == 0;
+            let r = d.transfer(&buffered, &g, offset, false, &|_, _| false);
+            assert_eq!(r.is_ok(), straight, "{buf_off} {offset}");
+            if !straight {
+                assert!(guest.iter().all(|&b| b == 0xee), "{buf_off} {offset}");
+            }
+        }
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Writes never copy into guest memory.
+    fn no_copy(_: usize, _: &[u8]) -> bool {
+        unreachable!("a write copied into guest memory")
     }
 }

@@ -209,7 +209,10 @@ impl Finish for Running {
     fn finish(&self, req: Request, status: u8, used: u64) {
         let head = req.head;
         self.trace(crate::trace::Event::BlkIoDone, u64::from(head));
-        if req.status_fenced() {
+        // The status byte is written in its pin's write section: a fence
+        // waits for the write (and copies it with the page), or has taken
+        // the page already and the section does not open.
+        let Some(status_section) = req.status_section() else {
             // The status byte's page was taken from the guest (a fence): a
             // used entry would report a status the guest cannot see. The
             // device stops instead; the driver resets it.
@@ -219,7 +222,7 @@ impl Finish for Running {
             self.interrupt.needs_reset();
             self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
             return;
-        }
+        };
         // Data that went to fenced pages never reached the guest.
         let status = if req.any_fenced() {
             super::request::VIRTIO_BLK_S_IOERR
@@ -233,11 +236,14 @@ impl Finish for Running {
             self.backend.cancelled.fetch_add(1, Ordering::Relaxed);
         }
         let mut notify = false;
-        if !self.stopping.load(Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) {
+            drop(status_section);
+        } else {
             // SAFETY: `status` is one byte of guest memory, pinned (behind
             // the IOMMU) until `req` is dropped below, inside the mapping
             // that `self.phys` keeps alive.
             unsafe { std::ptr::write_volatile(req.status.ptr, status) };
+            drop(status_section);
             let used_len = u32::try_from(used + 1).unwrap_or(u32::MAX);
             let mut q = lock(&self.queue);
             let published = with_rings!(self, mem => {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_iommu::{EndpointHandle, Pin};
+use virtio_iommu::{EndpointHandle, Pin, PinWrite};
 use virtio_queue::DescriptorChain;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions,
@@ -159,14 +159,29 @@ pub struct Request {
 }
 
 impl Request {
-    /// Whether a fence took the page of the status byte's translation
-    /// (`virtio_iommu::Pin::fenced`): the guest removed that translation
-    /// while the request ran, and the page at its address is no longer the
-    /// one the device pinned. The device must not write the status byte,
-    /// nor publish a used entry whose status the guest cannot see.
-    pub fn status_fenced(&self) -> bool {
+    /// Opens the write section in which the status byte may be written:
+    /// `Some` holding the status pin's section (nothing to hold for a
+    /// request outside the IOMMU), or `None` once a fence has claimed or
+    /// marked that pin (`virtio_iommu::Pin::write_section`): the page at
+    /// the status byte's address is no longer the one the device pinned,
+    /// and the device must not write the status byte, nor publish a used
+    /// entry whose status the guest cannot see.
+    pub fn status_section(&self) -> Option<Option<PinWrite<'_>>> {
         // The status byte is resolved (and pinned) first.
-        self._pins.first().is_some_and(Pin::fenced)
+        match self._pins.first() {
+            None => Some(None),
+            Some(p) => p.write_section().map(Some),
+        }
+    }
+
+    /// Runs `copy` (a write into the request's buffers through the guest's
+    /// address space) inside a write section of every pin, so that a fence
+    /// waits for it or it does not run at all (`None`: a fence claimed or
+    /// marked one of the pins).
+    pub fn write_sections<R>(&self, copy: impl FnOnce() -> R) -> Option<R> {
+        let sections: Option<Vec<PinWrite<'_>>> =
+            self._pins.iter().map(Pin::write_section).collect();
+        sections.map(|_open| copy())
     }
 
     /// Whether a fence took pages of any of the request's buffers: its data
