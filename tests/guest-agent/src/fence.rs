@@ -8,8 +8,10 @@
 //! another vCPU keeps writing one word in each page of the buffer (the
 //! pages a fencing VMM replaces during the UNMAP). Then:
 //!
-//! - `lost_writes`: words that do not hold the last value the writer put
-//!   there (a fence that copied a page while a vCPU still wrote it);
+//! - `lost_writes`: writes the writer found gone on its next visit of the
+//!   page, or that its word no longer holds at the end (a fence that
+//!   copied a page while a vCPU still wrote it). In `fence-off` the READ's
+//!   own DMA, which lands while the UNMAP waits for it, counts too;
 //! - the buffer is filled with the canary, and once the READ has ended
 //!   (it must end with an error: its data went to pages the guest no
 //!   longer has), any byte that is not the canary is a violation.
@@ -34,22 +36,32 @@ const WORD_OFF: usize = PAGE - 8;
 const READ_WAIT: Duration = Duration::from_secs(240);
 
 /// The writer: until `stop`, writes an increasing value into the word of
-/// each page of `[0, len)` in turn; returns the value each word got last.
-fn write_words(buf: SendPtr, len: usize, stop: &AtomicBool) -> Vec<u64> {
+/// each page of `[0, len)` in turn, first checking that the word still
+/// holds what it wrote there on its previous visit (a page replaced by a
+/// stale copy shows an older value). Returns the value each word got last
+/// and how many visits found their previous write gone.
+fn write_words(buf: SendPtr, len: usize, stop: &AtomicBool) -> (Vec<u64>, u64) {
     let pages = len / PAGE;
     let mut last = vec![0u64; pages];
+    let mut gone = 0;
     let mut v = 1u64;
     while !stop.load(Ordering::Acquire) {
         for (p, l) in last.iter_mut().enumerate() {
             // SAFETY: `p * PAGE + WORD_OFF + 8 <= len`, inside the buffer,
             // which outlives the writer (joined before the buffer is
             // reused); 8-byte aligned.
-            unsafe { std::ptr::write_volatile(buf.0.add(p * PAGE + WORD_OFF).cast::<u64>(), v) };
+            let word = unsafe { buf.0.add(p * PAGE + WORD_OFF).cast::<u64>() };
+            // SAFETY: as above.
+            if *l != 0 && unsafe { std::ptr::read_volatile(word) } != *l {
+                gone += 1;
+            }
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(word, v) };
             *l = v;
             v += 1;
         }
     }
-    last
+    (last, gone)
 }
 
 /// Words that do not hold what the writer wrote there last.
@@ -125,9 +137,10 @@ pub(crate) fn race_fence(
         let n = dev.sess.unmap_dma(DATA_IOVA, HUGE_PAGE as u64)?;
         let us = t.elapsed().as_micros() as u64;
         stop.store(true, Ordering::Release);
-        let (last, cpu) = writer
+        let ((last, gone), cpu) = writer
             .join()
             .map_err(|_| "the writer panicked".to_string())?;
+        lost += gone;
         writer_elsewhere &= cpu.is_some();
         if n != HUGE_PAGE as u64 {
             return Err(format!(
