@@ -589,7 +589,6 @@ impl PinShard {
         }
     }
 
-    /// Releases a pin; completes the drains that waited only for it.
     /// Whether the pin in `slot` (with `serial`) was fenced: a fence
     /// took its pages from the guest, or claimed other pins on pages it
     /// touches (see [`crate::fence`]).
@@ -645,6 +644,7 @@ impl PinShard {
         }
     }
 
+    /// Releases a pin; completes the drains that waited only for it.
     pub(crate) fn release(&self, slot: u32, serial: u64) {
         let rec = lock(&self.state).pins.remove(slot, serial);
         if let Some(rec) = rec {
