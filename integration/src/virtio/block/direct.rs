@@ -280,13 +280,19 @@ mod tests {
         // wants more than 512) go through `copy_in`; refused, they fail
         // and write nothing.
         for (buf_off, offset) in [(3, 4096), (0, 512)] {
-            let mut guest = vec![0xeeu8; 8192 + 3];
-            let g = [HostBuf::over(&mut guest[buf_off..buf_off + 8192])];
+            let mut guest = AlignedBuf::new(8192 + 4096, 4096).unwrap();
+            guest.as_mut_slice().fill(0xee);
+            let g = [HostBuf::over(
+                &mut guest.as_mut_slice()[buf_off..buf_off + 8192],
+            )];
             let straight = buf_off == 0 && offset % d.off_align == 0;
             let r = d.transfer(&buffered, &g, offset, false, &|_, _| false);
             assert_eq!(r.is_ok(), straight, "{buf_off} {offset}");
             if !straight {
-                assert!(guest.iter().all(|&b| b == 0xee), "{buf_off} {offset}");
+                assert!(
+                    guest.as_mut_slice().iter().all(|&b| b == 0xee),
+                    "{buf_off} {offset}"
+                );
             }
         }
         std::fs::remove_file(&path).unwrap();
