@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemory};
@@ -27,6 +27,11 @@ use crate::translate::EndpointHandle;
 
 /// Default (and maximum) virtqueue size.
 pub const QUEUE_SIZE: u16 = 256;
+
+/// The shortest wait before the pins of an invalidation are fenced again
+/// after a fence failed (each try may hold the vCPUs until the VMM gives
+/// up on them).
+pub const FENCE_RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// Errors of device construction and setup.
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +328,8 @@ impl VirtioIommu {
 
     /// When the pins still holding an invalidation should be fenced
     /// ([`crate::fence`]): `revoke_grace` plus `fence_after` after it
-    /// started, for the earliest invalidation not handed to a fence yet.
+    /// started (or, after a fence of its pins failed, when the next may be
+    /// tried), for the earliest invalidation not handed to a fence.
     /// `None` without [`IommuConfig::fence_after`].
     pub fn fence_deadline(&self) -> Option<Instant> {
         self.waiting_drains()
@@ -334,13 +340,27 @@ impl VirtioIommu {
 
     /// When `d`'s pins are due for a fence; `None` without `fence_after`.
     fn fence_due_at(&self, d: &Drain) -> Option<Instant> {
-        Some(d.started() + self.config.revoke_grace + self.config.fence_after?)
+        let first = d.started() + self.config.revoke_grace + self.config.fence_after?;
+        Some(d.fence_retry_at().map_or(first, |retry| retry.max(first)))
+    }
+
+    /// How long a drain waits before its pins are fenced again after a
+    /// fence failed (doubling with each failure): `fence_after`, and at
+    /// least [`FENCE_RETRY_MIN`].
+    fn fence_retry_after(&self) -> Duration {
+        self.config
+            .fence_after
+            .unwrap_or_default()
+            .max(FENCE_RETRY_MIN)
     }
 
     /// The pins still holding the invalidations whose fence deadline has
     /// passed (see [`VirtioIommu::fence_deadline`]), claimed for one
     /// [`Fence`], or `None` when none is due or none can be fenced. Each
-    /// invalidation is handed to a fence once.
+    /// invalidation is handed to one fence at a time; if that fence fails
+    /// (the VMM drops it), it is due again after `fence_after` (at least
+    /// [`FENCE_RETRY_MIN`]), twice as long after each further failure, at
+    /// most 10 s.
     ///
     /// The caller fences the pages with no lock of this device held
     /// (fencing holds the vCPUs, which may be waiting for that lock), then
@@ -355,6 +375,7 @@ impl VirtioIommu {
             due,
             &self.shared,
             self.space.endpoints.values().map(|e| &e.core),
+            self.fence_retry_after(),
         )
     }
 

@@ -68,11 +68,25 @@ pub struct Drain {
     blockers: Mutex<Vec<std::sync::Arc<dyn Revocable>>>,
     started: Instant,
     finished: std::sync::Mutex<Option<Instant>>,
-    /// Set once its pins were handed to a fence (not part of the protocol
-    /// the loom models check: it only keeps a drain from being fenced
-    /// twice).
-    fence_claimed: std::sync::atomic::AtomicBool,
+    /// Whether its pins were handed to a fence, and when a failed fence
+    /// is tried again (not part of the protocol the loom models check: it
+    /// only keeps a drain from being fenced twice at once).
+    fence: std::sync::Mutex<FenceClaimState>,
 }
+
+/// A drain's standing with fences.
+#[derive(Debug, Default)]
+struct FenceClaimState {
+    /// A fence holds its pins (or found none it could fence).
+    claimed: bool,
+    /// Fences of its pins that failed.
+    failures: u32,
+    /// When the next fence may be tried, after a failure.
+    retry_at: Option<Instant>,
+}
+
+/// The longest wait before a failed fence is tried again.
+const FENCE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Drain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,7 +107,7 @@ impl Drain {
             blockers: Mutex::new(Vec::new()),
             started: Instant::now(),
             finished: std::sync::Mutex::new(None),
-            fence_claimed: std::sync::atomic::AtomicBool::new(false),
+            fence: std::sync::Mutex::new(FenceClaimState::default()),
         })
     }
 
@@ -208,24 +222,51 @@ impl Drain {
 
     /// Whether this drain's pins were handed to a fence.
     pub fn fence_claimed(&self) -> bool {
-        self.fence_claimed
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.fence_state().claimed
     }
 
-    /// Claims, once per drain, every pin that still blocks it and can be
-    /// fenced (see `crate::fence`).
-    pub(crate) fn claim_fence(&self) -> Vec<FenceClaim> {
-        if self
-            .fence_claimed
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    /// When a fence of this drain's pins may be tried again after one
+    /// failed (`None`: none failed).
+    pub fn fence_retry_at(&self) -> Option<Instant> {
+        self.fence_state().retry_at
+    }
+
+    fn fence_state(&self) -> std::sync::MutexGuard<'_, FenceClaimState> {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims every pin that still blocks it and can be fenced (see
+    /// `crate::fence`); `None` if a fence holds this drain already. A
+    /// drain is claimed once, unless the fence fails
+    /// ([`Drain::fence_failed`]).
+    pub(crate) fn claim_fence(&self) -> Option<Vec<FenceClaim>> {
         {
-            return Vec::new();
+            let mut st = self.fence_state();
+            if st.claimed {
+                return None;
+            }
+            st.claimed = true;
         }
         let pending: Vec<std::sync::Arc<dyn Revocable>> = lock(&self.blockers).clone();
-        pending
-            .into_iter()
-            .filter_map(|pin| pin.claim_fence().map(|ranges| (pin, ranges)))
-            .collect()
+        Some(
+            pending
+                .into_iter()
+                .filter_map(|pin| pin.claim_fence().map(|ranges| (pin, ranges)))
+                .collect(),
+        )
+    }
+
+    /// The fence that claimed this drain failed: it may be claimed again
+    /// from `base` after now, twice as long after each further failure
+    /// (at most [`FENCE_RETRY_MAX`]), so that a VMM that cannot fence
+    /// (its vCPUs do not stop) does not hold them again at once.
+    pub(crate) fn fence_failed(&self, base: Duration) {
+        let mut st = self.fence_state();
+        st.claimed = false;
+        st.failures = st.failures.saturating_add(1);
+        let factor = 1u32 << (st.failures - 1).min(10);
+        let wait = base.saturating_mul(factor).min(FENCE_RETRY_MAX);
+        st.retry_at = Some(Instant::now() + wait);
     }
 }
 

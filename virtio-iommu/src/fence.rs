@@ -38,7 +38,10 @@
 //!   data that went to a page the guest no longer sees (a revocation
 //!   alone does not stop an I/O the host cannot cancel);
 //! - a [`Fence`] dropped without [`Fence::complete`] (the VMM could not
-//!   fence) unclaims its pins, which go on holding their drains.
+//!   fence) unclaims its pins, which go on holding their drains; those
+//!   drains are due for another fence after a backoff
+//!   (`VirtioIommu::fences_due`), so a transient failure does not leave
+//!   the invalidation unbounded.
 //!
 //! The loom models in `loom_tests` check that no access to the guest's
 //! page runs after a reply, whether the drain ends by release or by fence,
@@ -71,6 +74,10 @@ pub const FENCE_PAGE_SIZE: u64 = 4096;
 /// invalidations waiting for the DMA, as without fences.
 pub struct Fence {
     pins: Vec<std::sync::Arc<dyn Revocable>>,
+    /// The drains it claimed, and how long they wait before another
+    /// fence is tried if this one fails.
+    drains: Vec<Arc<Drain>>,
+    retry_after: std::time::Duration,
     ranges: Vec<GpaRange>,
     created: Instant,
     shared: Arc<Shared>,
@@ -89,19 +96,29 @@ impl std::fmt::Debug for Fence {
 }
 
 impl Fence {
-    /// Claims the pins still blocking `drains` (each drain at most once),
-    /// closes the gate on their pages and revokes the other pins of
-    /// `endpoints` on those pages; `None` when no pin can be fenced
-    /// (released meanwhile, not revocable, or claimed by another fence).
+    /// Claims the pins still blocking `drains` (each drain at most once
+    /// at a time), closes the gate on their pages and revokes the other
+    /// pins of `endpoints` on those pages; `None` when no pin can be
+    /// fenced (released meanwhile, not revocable, or claimed by another
+    /// fence). If the fence fails, its drains can be claimed again
+    /// `retry_after` later (doubling with each failure).
     pub(crate) fn claim<'a>(
         drains: impl IntoIterator<Item = &'a Arc<Drain>>,
         shared: &Arc<Shared>,
         endpoints: impl IntoIterator<Item = &'a Arc<EndpointCore>>,
+        retry_after: std::time::Duration,
     ) -> Option<Fence> {
         let mut pins = Vec::new();
         let mut pieces = Vec::new();
+        let mut claimed = Vec::new();
         for d in drains {
-            for (pin, ranges) in d.claim_fence() {
+            let Some(found) = d.claim_fence() else {
+                continue;
+            };
+            if !found.is_empty() {
+                claimed.push(d.clone());
+            }
+            for (pin, ranges) in found {
                 pins.push(pin);
                 pieces.extend(ranges);
             }
@@ -125,6 +142,8 @@ impl Fence {
         }
         Some(Fence {
             pins,
+            drains: claimed,
+            retry_after,
             ranges,
             created: Instant::now(),
             shared: shared.clone(),
@@ -174,6 +193,11 @@ impl Drop for Fence {
         self.shared.fence_gate.open(self.gate);
         for pin in &self.pins {
             pin.fence_failed();
+        }
+        // Their invalidations are still held by the DMA: a later fence
+        // may yet bound them.
+        for d in &self.drains {
+            d.fence_failed(self.retry_after);
         }
     }
 }

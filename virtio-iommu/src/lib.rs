@@ -75,7 +75,7 @@ pub struct ReadmeDoctests;
 pub use address_space::{AddressSpace, EndpointError, Outcome};
 pub use config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 #[cfg(not(loom))]
-pub use device::{EndpointOptions, Error, VirtioIommu, QUEUE_SIZE};
+pub use device::{EndpointOptions, Error, VirtioIommu, FENCE_RETRY_MIN, QUEUE_SIZE};
 pub use drain::Drain;
 pub use fence::Fence;
 pub use mapper::ExternalMapper;

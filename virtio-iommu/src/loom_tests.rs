@@ -489,7 +489,7 @@ fn fence_model(fencer: Fencer) {
             let fenced = fenced.clone();
             let shared = s.shared.clone();
             thread::spawn(move || {
-                if let Some(f) = Fence::claim([&d], &shared, [&ep]) {
+                if let Some(f) = Fence::claim([&d], &shared, [&ep], std::time::Duration::ZERO) {
                     assert_eq!(f.ranges()[0].gpa, 0x9000);
                     if fencer == Fencer::Completes {
                         // The guest's page is replaced before the fence
@@ -590,7 +590,8 @@ fn fence_gate_model() {
         };
         let out = s.unmap(5, 0x1000, 0x1fff);
         let d = out.drain.expect("the stuck pin holds the UNMAP");
-        let f = Fence::claim([&d], &s.shared, [&ep]).expect("the stuck pin is claimed");
+        let f = Fence::claim([&d], &s.shared, [&ep], std::time::Duration::ZERO)
+            .expect("the stuck pin is claimed");
         generation.store(1, SeqCst);
         f.complete();
         d.wait();
@@ -645,7 +646,8 @@ fn write_section_model() {
         let (a, b) = (writer(stuck), writer(other));
         let out = s.unmap(5, 0x1000, 0x1fff);
         let d = out.drain.expect("the stuck pin holds the UNMAP");
-        let f = Fence::claim([&d], &s.shared, [&ep]).expect("the stuck pin is claimed");
+        let f = Fence::claim([&d], &s.shared, [&ep], std::time::Duration::ZERO)
+            .expect("the stuck pin is claimed");
         generation.store(1, SeqCst);
         f.complete();
         d.wait();

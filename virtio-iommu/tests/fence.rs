@@ -130,6 +130,37 @@ fn a_fence_the_vmm_drops_leaves_the_unmap_waiting_for_the_pin() {
 }
 
 #[test]
+fn a_failed_fence_is_tried_again_later_and_a_successful_one_lets_the_unmap_reply() {
+    let mut h = setup(Some(FENCE_AFTER));
+    let pin = revocable_pin(&h, 0x1000, 8);
+    unmap_until_fence_deadline(&mut h);
+    let failed_at = Instant::now();
+    drop(h.dev.fences_due(failed_at).expect("a fence is due"));
+    // Not at once: the VMM could not fence (its vCPUs did not stop), and
+    // trying again at once would hold them again.
+    assert!(h.dev.fences_due(Instant::now()).is_none());
+    let retry = h
+        .dev
+        .fence_deadline()
+        .expect("the UNMAP is due for another fence");
+    assert!(retry >= failed_at + FENCE_AFTER.max(virtio_iommu::FENCE_RETRY_MIN));
+    // A second failure waits twice as long.
+    sleep_until(retry);
+    let second_at = Instant::now();
+    drop(h.dev.fences_due(second_at).expect("due again"));
+    let retry = h.dev.fence_deadline().expect("due once more");
+    assert!(retry >= second_at + 2 * FENCE_AFTER.max(virtio_iommu::FENCE_RETRY_MIN));
+    sleep_until(retry);
+    let fence = h.dev.fences_due(Instant::now()).expect("due once more");
+    assert!(!process(&mut h), "replied before the fence completed");
+    fence.complete();
+    assert!(pin.fenced());
+    assert!(process(&mut h));
+    assert_eq!(h.posted_status(0), Status::Ok as u8);
+    assert_eq!(h.dev.metrics().snapshot().fence_failures, 2);
+}
+
+#[test]
 fn a_pin_released_while_its_fence_runs_releases_the_drain_once() {
     let mut h = setup(Some(FENCE_AFTER));
     let pin = revocable_pin(&h, 0x1000, 8);

@@ -468,7 +468,8 @@ fn run_fence(fencer: &PageFencer, fence: virtio_iommu::Fence) {
         }
         Err(e) => {
             log::error!(
-                "virtio-iommu: fence of {} pages failed, the invalidation waits for the DMA: {e}",
+                "virtio-iommu: fence of {} pages failed ({e}); the invalidation waits for the \
+                 DMA, and a fence is tried again later",
                 fence.pages()
             );
             drop(fence);
