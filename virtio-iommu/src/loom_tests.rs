@@ -42,6 +42,21 @@ fn space() -> AddressSpace {
 /// `loom::model`, printing how many schedules it explored (also when a
 /// schedule panics, as the models of broken devices must). The count is
 /// shared: run the models with `--test-threads=1` (as `ci/test` does).
+/// Runs `model` with the broken variant `flag` switched on, and off again
+/// afterwards (also when the model panics, as the should_panic tests
+/// expect).
+fn with_broken(flag: &'static std::sync::atomic::AtomicBool, model: impl FnOnce()) {
+    struct Restore(&'static std::sync::atomic::AtomicBool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.store(false, SeqCst);
+        }
+    }
+    let _restore = Restore(flag);
+    flag.store(true, SeqCst);
+    model();
+}
+
 fn counted_model(f: impl Fn() + Sync + Send + 'static) {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     static SCHEDULES: AtomicUsize = AtomicUsize::new(0);
@@ -530,16 +545,9 @@ fn a_failed_fence_leaves_the_reply_waiting_for_the_release() {
 #[test]
 #[should_panic(expected = "after the reply")]
 fn releasing_at_claim_time_is_caught() {
-    use crate::tracker::broken::FENCE_RELEASES_AT_CLAIM;
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FENCE_RELEASES_AT_CLAIM.store(false, SeqCst);
-        }
-    }
-    let _restore = Restore;
-    FENCE_RELEASES_AT_CLAIM.store(true, SeqCst);
-    fence_model(Fencer::Completes);
+    with_broken(&crate::tracker::broken::FENCE_RELEASES_AT_CLAIM, || {
+        fence_model(Fencer::Completes)
+    });
 }
 
 /// The gate model: the stuck pin is held throughout; while the fencer
@@ -668,16 +676,9 @@ fn a_write_section_ends_before_a_fence_copies_its_page_or_never_opens() {
 #[test]
 #[should_panic(expected = "while or after a fence replaced its page")]
 fn a_fence_ignoring_open_write_sections_is_caught() {
-    use crate::tracker::broken::SECTIONS_IGNORED;
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SECTIONS_IGNORED.store(false, SeqCst);
-        }
-    }
-    let _restore = Restore;
-    SECTIONS_IGNORED.store(true, SeqCst);
-    write_section_model();
+    with_broken(&crate::tracker::broken::SECTIONS_IGNORED, || {
+        write_section_model()
+    });
 }
 
 /// The checker can fail: a pin on a fenced page that reports success
@@ -685,30 +686,16 @@ fn a_fence_ignoring_open_write_sections_is_caught() {
 #[test]
 #[should_panic(expected = "reports success")]
 fn a_pin_sharing_a_fenced_page_that_reports_success_is_caught() {
-    use crate::tracker::broken::COLLATERAL_UNREPORTED;
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            COLLATERAL_UNREPORTED.store(false, SeqCst);
-        }
-    }
-    let _restore = Restore;
-    COLLATERAL_UNREPORTED.store(true, SeqCst);
-    fence_gate_model();
+    with_broken(&crate::tracker::broken::COLLATERAL_UNREPORTED, || {
+        fence_gate_model()
+    });
 }
 
 /// The checker can fail: pins that ignore the gate are caught.
 #[test]
 #[should_panic(expected = "was not revoked")]
 fn a_pin_ignoring_the_gate_is_caught() {
-    use crate::tracker::broken::FENCE_GATE_OFF;
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FENCE_GATE_OFF.store(false, SeqCst);
-        }
-    }
-    let _restore = Restore;
-    FENCE_GATE_OFF.store(true, SeqCst);
-    fence_gate_model();
+    with_broken(&crate::tracker::broken::FENCE_GATE_OFF, || {
+        fence_gate_model()
+    });
 }
