@@ -316,6 +316,16 @@ impl VirtioIommu {
             .min()
     }
 
+    /// The earliest revocation deadline after `now` (see
+    /// [`VirtioIommu::revoke_deadline`]): after a VMM has called
+    /// [`VirtioIommu::revoke_overdue`] with `now`, when it next needs to.
+    pub fn revoke_deadline_after(&self, now: Instant) -> Option<Instant> {
+        self.waiting_drains()
+            .map(|d| d.started() + self.config.revoke_grace)
+            .filter(|&t| t > now)
+            .min()
+    }
+
     /// Calls the revoke hooks of pins holding up an invalidation whose
     /// grace period has passed. Returns how many hooks were called.
     pub fn revoke_overdue(&mut self, now: Instant) -> usize {

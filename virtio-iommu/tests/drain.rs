@@ -259,6 +259,12 @@ fn revoke_hook_is_called_after_the_grace_period_and_reply_still_waits() {
     h.post(0, req_type::UNMAP, &unmap_body(1, 0x1000, 0x1fff));
     assert!(!process(&mut h));
     let deadline = h.dev.revoke_deadline().unwrap();
+    assert_eq!(h.dev.revoke_deadline_after(Instant::now()), Some(deadline));
+    assert_eq!(
+        h.dev.revoke_deadline_after(deadline),
+        None,
+        "a passed deadline is not a next one"
+    );
     assert_eq!(h.dev.revoke_overdue(Instant::now()), 0, "too early");
     assert_eq!(revoked.load(Ordering::SeqCst), 0);
     std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
