@@ -93,8 +93,12 @@ pub struct Args {
     pub iommu: String,
     /// Platform: `iommu_segments=[0]` puts every device of PCI segment 0
     /// (the only one) behind the virtio-iommu; iommu_address_width=N (1 to
-    /// 64, default 64) sets the IOMMU's input range.
-    #[arg(long, value_name = "iommu_segments=[0],iommu_address_width=N")]
+    /// 64, default 64) sets the IOMMU's input range; iommu_fence_ms=N is
+    /// Cloud Hypervisor's name for `--iommu fence_ms=N`.
+    #[arg(
+        long,
+        value_name = "iommu_segments=[0],iommu_address_width=N,iommu_fence_ms=N"
+    )]
     pub platform: Option<String>,
     /// virtio-console: only "off" is supported.
     #[arg(long, value_name = "off", default_value = "off")]
@@ -391,7 +395,7 @@ pub fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
         }
     }
     parts.push(&s[start..]);
-    let known = ["iommu_segments", "iommu_address_width"];
+    let known = ["iommu_segments", "iommu_address_width", "iommu_fence_ms"];
     let mut seen = Vec::new();
     for part in parts {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
@@ -425,6 +429,16 @@ pub fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
                         }
                     }
                 }
+            }
+            "iommu_fence_ms" => {
+                let ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n <= 600_000)
+                    .ok_or_else(|| {
+                        invalid("platform", format!("iommu_fence_ms={v:?}: 0..=600000"))
+                    })?;
+                p.iommu_fence_ms = Some(ms);
             }
             _ => {
                 p.iommu_address_width = v
@@ -527,13 +541,23 @@ impl VmConfig {
             return Err(invalid("cmdline", "contains a NUL byte"));
         }
         let memory = parse_memory(&args.memory)?;
-        let iommu = parse_iommu(&args.iommu)?;
+        let mut iommu = parse_iommu(&args.iommu)?;
         let platform = args
             .platform
             .as_deref()
             .map(parse_platform)
             .transpose()?
             .unwrap_or_default();
+        // Cloud Hypervisor's name for `--iommu fence_ms=`.
+        if let Some(ms) = platform.iommu_fence_ms {
+            if iommu.fence_after.is_some() {
+                return Err(invalid(
+                    "platform",
+                    "iommu_fence_ms and --iommu fence_ms both given: keep one",
+                ));
+            }
+            iommu.fence_after = Some(std::time::Duration::from_millis(ms));
+        }
         Ok(VmConfig {
             kernel: args.kernel.clone(),
             initramfs: args.initramfs.clone(),
@@ -676,6 +700,29 @@ mod tests {
         // A segment behind the IOMMU puts every disk behind it.
         let c = cfg(&["--disk", "path=/a", "--platform", "iommu_segments=[0]"]).unwrap();
         assert!(c.disks[0].iommu);
+    }
+
+    #[test]
+    fn platform_iommu_fence_ms_is_cloud_hypervisors_name_for_fence_ms() {
+        let c = cfg(&["--platform", "iommu_fence_ms=200"]).unwrap();
+        assert_eq!(
+            c.iommu.fence_after,
+            Some(std::time::Duration::from_millis(200))
+        );
+        for bad in [
+            "iommu_fence_ms=-1",
+            "iommu_fence_ms=600001",
+            "iommu_fence_ms=",
+        ] {
+            assert!(parse_platform(bad).is_err(), "{bad}");
+        }
+        let both = cfg(&[
+            "--platform",
+            "iommu_fence_ms=200",
+            "--iommu",
+            "fence_ms=100",
+        ]);
+        assert!(both.unwrap_err().to_string().contains("keep one"));
     }
 
     #[test]

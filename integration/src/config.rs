@@ -163,6 +163,8 @@ pub struct PlatformConfig {
     pub iommu_segment0: bool,
     /// Input range of the IOMMU in bits (`iommu_address_width=`).
     pub iommu_address_width: u8,
+    /// Cloud Hypervisor's spelling of `--iommu fence_ms=` (`iommu_fence_ms=`).
+    pub iommu_fence_ms: Option<u64>,
 }
 
 impl Default for PlatformConfig {
@@ -170,6 +172,7 @@ impl Default for PlatformConfig {
         PlatformConfig {
             iommu_segment0: false,
             iommu_address_width: 64,
+            iommu_fence_ms: None,
         }
     }
 }
