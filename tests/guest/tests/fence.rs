@@ -8,7 +8,8 @@
 //! two vCPUs: while one makes the UNMAP, a writer on the other writes a
 //! word in every page being invalidated (the pages a fence replaces).
 //!
-//! - `dma_race_fence`: the reference VMM with `--iommu fence_ms=200`. Each
+//! - `dma_race_fence`: the VMM with `--platform iommu_fence_ms=200` (Cloud
+//!   Hypervisor's option; the reference VMM's `--iommu fence_ms=200`). Each
 //!   UNMAP must reply within the grace (100 ms) + 200 ms + a margin for the
 //!   nested bed (`VIRTIO_IOMMU_TEST_FENCE_MARGIN_MS`, 700), with 0
 //!   violations (the canary written after the reply survives the READ's
@@ -20,9 +21,9 @@
 //!   must wait for the READ (its fastest round longer than the fenced
 //!   bound), which shows the fence is what bounds it.
 //!
-//! - `dma_race_fence_unheld_control`: fencing with the vCPUs running
-//!   (`--iommu _fence_hold=off`, an unsafe test mode) must lose some of
-//!   the writer's writes: the writer can see a broken fence.
+//! - `dma_race_fence_unheld_control` (reference VMM only): fencing with the
+//!   vCPUs running (`--iommu _fence_hold=off`, an unsafe test mode) must
+//!   lose some of the writer's writes: the writer can see a broken fence.
 //!
 //! Rounds: `VIRTIO_IOMMU_TEST_FENCE_ROUNDS` (3, also for the unheld
 //! control) and
@@ -40,7 +41,7 @@ const GRACE_MS: u64 = 100;
 /// What the fencing run configures.
 const FENCE_MS: u64 = 200;
 
-fn scenario(variant: &str, rounds: u64, iommu: Option<&str>, shared: bool) -> Scenario {
+fn scenario(variant: &str, rounds: u64, vmm_args: &[String], shared: bool) -> Scenario {
     let bps = env_num("VIRTIO_IOMMU_TEST_FENCE_BPS", 32 * 1024);
     let mut s = Scenario::new("dma-race");
     s.cpus = 2;
@@ -57,9 +58,7 @@ fn scenario(variant: &str, rounds: u64, iommu: Option<&str>, shared: bool) -> Sc
         format!("variants={variant}"),
         "pause_ms=20".into(),
     ];
-    if let Some(opts) = iommu {
-        s.vmm_args = vec!["--iommu".into(), opts.into()];
-    }
+    s.vmm_args = vmm_args.to_vec();
     // Each round waits for its READ (320 KiB at `bps`), then four verified
     // write/read cycles of up to 128 KiB each.
     let read_s = 320 * 1024 / bps.max(1) + 1;
@@ -71,7 +70,7 @@ fn run(
     test: &str,
     variant: &str,
     rounds: u64,
-    iommu: Option<&str>,
+    vmm_args: &[String],
     shared: bool,
 ) -> Option<(Outcome, RaceSummary)> {
     let bed = bed_or_skip(test)?;
@@ -80,7 +79,7 @@ fn run(
         return None;
     }
     let out = bed
-        .run(&scenario(variant, rounds, iommu, shared))
+        .run(&scenario(variant, rounds, vmm_args, shared))
         .expect("guest run");
     report_timing(test, &out);
     assert!(!out.timed_out, "run timed out; {}", out.describe());
@@ -137,8 +136,8 @@ fn dma_race_fence_shared_memory() {
 /// The fenced run, guest RAM private (anonymous) or `shared` (a memfd).
 fn fenced(test: &str, shared: bool) {
     let rounds = env_num("VIRTIO_IOMMU_TEST_FENCE_ROUNDS", 3);
-    let opts = format!("fence_ms={FENCE_MS}");
-    let Some((out, sum)) = run(test, "fence", rounds, Some(&opts), shared) else {
+    let args = ["--platform".into(), format!("iommu_fence_ms={FENCE_MS}")];
+    let Some((out, sum)) = run(test, "fence", rounds, &args, shared) else {
         return;
     };
     assert_eq!(
@@ -185,7 +184,7 @@ fn dma_race_fence_off_control() {
         "dma_race_fence_off_control",
         "fence-off",
         rounds,
-        None,
+        &[],
         false,
     ) else {
         return;
@@ -204,12 +203,15 @@ fn dma_race_fence_off_control() {
 #[test]
 fn dma_race_fence_unheld_control() {
     let rounds = env_num("VIRTIO_IOMMU_TEST_FENCE_ROUNDS", 3);
-    let opts = format!("fence_ms={FENCE_MS},_fence_hold=off");
+    let args = [
+        "--iommu".into(),
+        format!("fence_ms={FENCE_MS},_fence_hold=off"),
+    ];
     let Some((out, sum)) = run(
         "dma_race_fence_unheld_control",
         "fence",
         rounds,
-        Some(&opts),
+        &args,
         false,
     ) else {
         return;
