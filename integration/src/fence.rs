@@ -4,14 +4,14 @@
 //! the fence delay (`--iommu fence_ms=`), the IOMMU's device thread gets a
 //! `virtio_iommu::Fence` from the crate: the guest-physical pages of the
 //! pins still in flight. [`PageFencer::fence`] replaces each such page of
-//! guest RAM with a fresh anonymous page holding the same bytes, with every
+//! guest RAM with a fresh page holding the same bytes, with every
 //! vCPU held outside `KVM_RUN` ([`crate::vcpu_hold`]):
 //!
 //! 1. hold the vCPUs;
 //! 2. copy the pages' bytes aside;
-//! 3. `mmap(MAP_FIXED)` fresh anonymous pages over them, or for shared RAM
-//!    punch them out of its memfd (KVM's MMU notifier drops its mappings
-//!    of the old pages; the guest's next access faults the fresh ones in);
+//! 3. drop them from private RAM (`madvise(MADV_DONTNEED)`), or for shared
+//!    RAM punch them out of its memfd (KVM's MMU notifier drops its
+//!    mappings of the old pages; the next access faults fresh ones in);
 //! 4. write the bytes back into the fresh pages, let the vCPUs go.
 //!
 //! The old pages stay allocated while the kernel holds them for the I/O
@@ -194,11 +194,11 @@ impl PageFencer {
 
 /// Puts fresh pages holding the same bytes in place of
 /// `[t.host, t.host + t.len)`, after waiting `gap` between the copy and
-/// the replacement (test control only). Private anonymous RAM gets fresh
-/// anonymous pages mapped over it; shared RAM (a memfd) gets the range
-/// punched out of the file, and the bytes written back fault fresh pages
-/// into it (the punch unmaps the old ones from every mapping, KVM's
-/// included, and the kernel's pin keeps them for the I/O).
+/// the replacement (test control only). The range is dropped from private
+/// anonymous RAM (`MADV_DONTNEED`) or punched out of shared RAM's memfd,
+/// which unmaps the old pages from every mapping (KVM's included, through
+/// its MMU notifier) while the kernel's pin keeps them for the I/O; the
+/// bytes written back fault fresh pages in.
 ///
 /// # Safety
 ///
@@ -233,29 +233,24 @@ unsafe fn replace(t: &Target, scratch: &mut [u8], gap: Option<Duration>) -> Resu
         unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), t.host, t.len) };
         return Ok(());
     }
-    // SAFETY: MAP_FIXED over the caller's range, which is whole pages of
-    // an anonymous mapping that this VMM owns (guest RAM).
-    let p = unsafe {
-        libc::mmap(
-            t.host.cast(),
-            t.len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED || p != t.host.cast() {
-        // The kernel may have unmapped the range before failing: guest RAM
-        // has a hole there, and the guest will fail on its next access.
+    // Private anonymous RAM: drop the pages from the mapping. The kernel's
+    // pin keeps each old page for the I/O; the next access (the copy back
+    // below) faults a fresh zeroed page in. Unlike a new mapping over the
+    // range, this keeps the mapping whole (no split, nothing against
+    // `vm.max_map_count`) with its attributes, and a failure leaves the
+    // pages where they were.
+    // SAFETY: whole pages of a private anonymous mapping that this VMM
+    // owns (guest RAM); the caller's bytes are in `scratch` and are written
+    // back before anything else touches the range.
+    let r = unsafe { libc::madvise(t.host.cast(), t.len, libc::MADV_DONTNEED) };
+    if r != 0 {
         return Err(format!(
-            "mmap(MAP_FIXED) of {} bytes of guest RAM failed: {} (the VM cannot go on \
-             safely; raise vm.max_map_count if that is the cause)",
+            "madvise(MADV_DONTNEED) of {} bytes of guest RAM: {}",
             t.len,
             std::io::Error::last_os_error()
         ));
     }
-    // SAFETY: the fresh pages are mapped at `t.host`, `t.len` long.
+    // SAFETY: the mapping is still at `t.host`, `t.len` long.
     unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), t.host, t.len) };
     Ok(())
 }
