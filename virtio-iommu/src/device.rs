@@ -311,19 +311,20 @@ impl VirtioIommu {
     /// When the holders of pins that an invalidation waits for (the parked
     /// request, a reset, a bypass change) should next be asked to revoke.
     pub fn revoke_deadline(&self) -> Option<Instant> {
-        self.waiting_drains()
-            .map(|d| d.started() + self.config.revoke_grace)
-            .min()
+        self.revoke_deadlines().min()
     }
 
     /// The earliest revocation deadline after `now` (see
     /// [`VirtioIommu::revoke_deadline`]): after a VMM has called
     /// [`VirtioIommu::revoke_overdue`] with `now`, when it next needs to.
     pub fn revoke_deadline_after(&self, now: Instant) -> Option<Instant> {
-        self.waiting_drains()
-            .map(|d| d.started() + self.config.revoke_grace)
-            .filter(|&t| t > now)
-            .min()
+        self.revoke_deadlines().filter(|&t| t > now).min()
+    }
+
+    /// The revocation deadline of each invalidation still waiting.
+    fn revoke_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
+        let grace = self.config.revoke_grace;
+        self.waiting_drains().map(move |d| d.started() + grace)
     }
 
     /// Calls the revoke hooks of pins holding up an invalidation whose

@@ -39,9 +39,6 @@ fn space() -> AddressSpace {
     AddressSpace::new(config, shared)
 }
 
-/// `loom::model`, printing how many schedules it explored (also when a
-/// schedule panics, as the models of broken devices must). The count is
-/// shared: run the models with `--test-threads=1` (as `ci/test` does).
 /// Runs `model` with the broken variant `flag` switched on, and off again
 /// afterwards (also when the model panics, as the should_panic tests
 /// expect).
@@ -57,6 +54,9 @@ fn with_broken(flag: &'static std::sync::atomic::AtomicBool, model: impl FnOnce(
     model();
 }
 
+/// `loom::model`, printing how many schedules it explored (also when a
+/// schedule panics, as the models of broken devices must). The count is
+/// shared: run the models with `--test-threads=1` (as `ci/test` does).
 fn counted_model(f: impl Fn() + Sync + Send + 'static) {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     static SCHEDULES: AtomicUsize = AtomicUsize::new(0);
