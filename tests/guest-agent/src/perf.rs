@@ -20,8 +20,9 @@
 //! VMM CPU (`cpu_marks=1`, not with `pair`): each measured stretch (the
 //! timed operations of a phase, the QD and sequential runs) is bracketed
 //! by `AGENT-MARK name=<metric> edge=start|end ops=<operations>` lines,
-//! each followed by a 50 ms pause; L1, watching the console, answers each
-//! with the VMM's CPU time (guest-perf's `--cpu`).
+//! each followed by a pause of `mark_ms` (50 ms by default); L1, watching
+//! the console, answers each with the VMM's CPU time (guest-perf's
+//! `--cpu`), and with guest-perf's `--counters` with the IOMMU's counters.
 //!
 //! Paired (`pair=<id>`): a second disk, which must be outside the IOMMU,
 //! takes every other operation with the same offsets, so that one boot
@@ -127,17 +128,18 @@ struct Phase<'a> {
     targets: Vec<Target<'a>>,
     warmup: u64,
     budget: Duration,
-    /// Print CPU marks around the timed operations (one target only).
-    marks: bool,
+    /// Print CPU marks around the timed operations (one target only),
+    /// each followed by this pause.
+    marks: Option<Duration>,
 }
 
 /// Marks the start or end of a measured stretch for L1 (see the module
 /// documentation); the pause lets L1 read the VMM's CPU time while the
 /// guest is idle, so the stretch's I/O falls inside the two readings.
-fn cpu_mark(on: bool, name: &str, edge: &str, ops: u64) {
-    if on {
+fn cpu_mark(pause: Option<Duration>, name: &str, edge: &str, ops: u64) {
+    if let Some(pause) = pause {
         println!("AGENT-MARK name={name} edge={edge} ops={ops}");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(pause);
     }
 }
 
@@ -146,7 +148,7 @@ impl Phase<'_> {
     /// target drawing offsets from its own copy of `rng` (the same offsets
     /// on every target); returns one latency set per target.
     fn run(&self, name: &str, op: Op, len: usize, n: u64, rng: &mut Rng) -> Res<Vec<Lat>> {
-        let marks = self.marks && self.targets.len() == 1;
+        let marks = self.marks.filter(|_| self.targets.len() == 1);
         let mut buf = Aligned::new(len);
         if op == Op::Write {
             // Non-zero data, so the backing file really gets written.
@@ -306,9 +308,9 @@ pub fn perf(p: &Params) -> Res<String> {
         targets,
         warmup: p.num("warmup", 16),
         budget: Duration::from_secs(p.num("max_s", 60)),
-        marks: p.num("cpu_marks", 0) != 0,
+        marks: (p.num("cpu_marks", 0) != 0).then(|| Duration::from_millis(p.num("mark_ms", 50))),
     };
-    let marks = ph.marks && pair.is_none();
+    let marks = ph.marks.filter(|_| pair.is_none());
     let mut rng = Rng::new(p.num("seed", 1));
     let t = Instant::now();
     phase("perf: read4k", 0);

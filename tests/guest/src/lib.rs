@@ -293,6 +293,21 @@ pub struct Scenario {
     /// [`Outcome::vmm_cpu_marks`]). Any VMM: the figures come from
     /// `/proc/<pid>/stat` in L1.
     pub vmm_cpu_marks: bool,
+    /// With [`Scenario::vmm_cpu_marks`], nested route, Cloud Hypervisor
+    /// only ([`CH_REMOTE_ENV`]): the VMM runs with an API socket, and at
+    /// every mark L1 also prints the virtio-iommu's counters
+    /// (`L1-COUNTERS requests=.. replies_inline=.. name=N edge=E ops=K`:
+    /// the `__iommu` entry of `ch-remote counters`; see
+    /// [`Outcome::vmm_counter_marks`]). The call takes L1 some tens of
+    /// milliseconds, which the agent's `mark_ms` pause has to cover.
+    pub vmm_counters: bool,
+    /// With [`Scenario::vmm_cpu_marks`], nested route, any VMM: at every
+    /// mark L1 also prints each VMM thread's CPU ticks
+    /// (`L1-THREADS <comm>/<tid>=<utime+stime> ... name=N edge=E ops=K`;
+    /// see [`Outcome::vmm_thread_marks`]). Reading them takes L1 some
+    /// tens of milliseconds, which the agent's `mark_ms` pause has to
+    /// cover.
+    pub vmm_threads: bool,
     /// L2 uses the IOMMU in strict mode (`iommu.strict=1`: every unmap is
     /// sent and waited for at once); `false` gives the lazy mode
     /// (`iommu.strict=0`: unmaps batched through a flush queue).
@@ -324,6 +339,8 @@ impl Scenario {
             vmm_args: Vec::new(),
             vmm_stats_every: None,
             vmm_cpu_marks: false,
+            vmm_counters: false,
+            vmm_threads: false,
             strict: true,
             l1_prelude: String::new(),
             snapshot_restore: false,
@@ -467,6 +484,26 @@ impl Outcome {
                 kv.insert("cpu_ticks".into(), (u + s).to_string());
                 Some(kv)
             })
+            .collect()
+    }
+
+    /// The virtio-iommu's counters at each mark (see
+    /// [`Scenario::vmm_counters`]): for every `L1-COUNTERS` line, its
+    /// fields (`name`, `edge`, `ops` and one per counter).
+    pub fn vmm_counter_marks(&self) -> Vec<HashMap<String, String>> {
+        self.lines_with("L1-COUNTERS ")
+            .into_iter()
+            .map(|l| parse_kv(&l))
+            .collect()
+    }
+
+    /// The VMM's threads' CPU ticks at each mark (see
+    /// [`Scenario::vmm_threads`]): for every `L1-THREADS` line, its fields
+    /// (`name`, `edge`, `ops` and `<comm>/<tid>` for each thread).
+    pub fn vmm_thread_marks(&self) -> Vec<HashMap<String, String>> {
+        self.lines_with("L1-THREADS ")
+            .into_iter()
+            .map(|l| parse_kv(&l))
             .collect()
     }
 
@@ -919,7 +956,10 @@ impl Bed {
             } else {
                 "/l2/vmlinux"
             };
-            let args = self.vmm_args(s, kernel, "/l2/initrd.cpio", &disk_args, &device_args);
+            let mut args = self.vmm_args(s, kernel, "/l2/initrd.cpio", &disk_args, &device_args);
+            if s.vmm_counters {
+                args.extend(["--api-socket".to_string(), "path=/tmp/ch.sock".to_string()]);
+            }
             let quoted: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
             let env: String = vmm_extra_env()
                 .iter()
@@ -937,6 +977,14 @@ impl Bed {
             if !s.l1_prelude.is_empty() {
                 script.push_str(&s.l1_prelude);
                 script.push('\n');
+            }
+            if s.vmm_threads && !s.vmm_cpu_marks {
+                return Err("thread ticks at the marks need vmm_cpu_marks".into());
+            }
+            if s.vmm_counters && !(s.vmm_cpu_marks && std::env::var_os(CH_REMOTE_ENV).is_some()) {
+                return Err(format!(
+                    "counters at the marks need vmm_cpu_marks and {CH_REMOTE_ENV} (Cloud Hypervisor)"
+                ));
             }
             if s.snapshot_restore {
                 if s.repeat > 1 || s.vmm_cpu_marks {
@@ -972,13 +1020,41 @@ impl Bed {
                 let run = if s.vmm_cpu_marks {
                     // The VMM's output through a reader that answers each
                     // mark with the VMM's CPU ticks (fields 14 and 15 of
-                    // its stat) at that moment; the exit status goes
-                    // through a file (the pipeline's is the reader's).
+                    // its stat) at that moment and, as asked, the ticks
+                    // of each of its threads and the `__iommu` object of
+                    // `ch-remote counters` as key=value words: before the
+                    // ticks at a start mark, after them at an end mark, so
+                    // that the VMM's work for the API request falls
+                    // outside the stretch. The exit status goes through a
+                    // file (the pipeline's is the reader's).
+                    let mut extra = Vec::new();
+                    if s.vmm_threads {
+                        extra.push(
+                            "echo \"L1-THREADS $(for t in /proc/$(pidof vmm)/task/*; do \
+                             set -- $(cut -d' ' -f14,15 $t/stat); \
+                             printf '%s/%s=%s ' \"$(tr ' ' _ < $t/comm)\" \"${t##*/}\" $(($1 + $2)); \
+                             done)${l#*AGENT-MARK }\"",
+                        );
+                    }
+                    if s.vmm_counters {
+                        extra.push(
+                            "echo \"L1-COUNTERS \
+                             $(/vmm/ch-remote --api-socket /tmp/ch.sock counters 2>/dev/null \
+                             | tr -d ' \\n\"' | sed -n 's/.*__iommu:{\\([^}]*\\)}.*/\\1/p' \
+                             | tr ',:' ' =') ${l#*AGENT-MARK }\"",
+                        );
+                    }
+                    if extra.is_empty() {
+                        extra.push(":");
+                    }
+                    let counters = extra.join("; ");
                     format!(
                         "( {} 2>&1; echo $? > /tmp/vmm-rc ) | while IFS= read -r l; do\n\
+                         case \"$l\" in *AGENT-MARK*edge=start*) {counters};; esac\n\
                          case \"$l\" in *AGENT-MARK*) \
                          set -- $(cut -d' ' -f14,15 /proc/$(pidof vmm)/stat 2>/dev/null); \
                          echo \"L1-CPU utime=$1 stime=$2 ${{l#*AGENT-MARK }}\";; esac\n\
+                         case \"$l\" in *AGENT-MARK*edge=end*) {counters};; esac\n\
                          printf '%s\\n' \"$l\"\n\
                          done\n\
                          rc=$(cat /tmp/vmm-rc)",
@@ -994,7 +1070,7 @@ impl Bed {
                 ));
             }
             let initrd = work.join("l1-initrd.cpio");
-            let ch_remote = if s.snapshot_restore {
+            let ch_remote = if s.snapshot_restore || s.vmm_counters {
                 Some(ch_remote_path()?)
             } else {
                 None

@@ -33,6 +33,23 @@
 //! Not with `--paired` (the two disks' operations interleave); `--no-cpu`
 //! leaves it out (no marks, no 50 ms pauses, the VMM's output unpiped).
 //!
+//! `--counters` (Cloud Hypervisor with the series' patch 25, nested route,
+//! `VIRTIO_IOMMU_TEST_CH_REMOTE` naming its `ch-remote`) also reads the
+//! virtio-iommu's counters at each mark and prints, per operation of each
+//! stretch of the iommu=on boots: IOMMU requests, replies published inline
+//! on the notifying vCPU, by the polling IOMMU thread and by that thread
+//! outside polling, wake-ups of the thread, looks at the ring while
+//! polling, and the polling time spent per polled reply. The agent then
+//! pauses 400 ms at each mark (`mark_ms=400`) for L1's `ch-remote` call,
+//! whose API request the VMM serves inside the measured stretch: a trace,
+//! not a figure to publish beside runs without it.
+//!
+//! `--threads` (any VMM, nested route) reads each VMM thread's CPU ticks
+//! at each mark as well and prints, per stretch, the CPU microseconds per
+//! operation of each thread (threads of one name summed), iommu=on and
+//! iommu=off: which thread the IOMMU's cost lands on. It also pauses
+//! 400 ms at each mark.
+//!
 //! The last line, `PERF-SUMMARY ...`, repeats the summary's means and
 //! ratios as `key=value` words for scripts.
 //!
@@ -51,7 +68,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: guest-perf [--boots N] [--cpus N] [--disk-mib N] [--timeout SECS] \
-[--first on|off] [--paired] [--lazy] [--busy N] [--no-cpu] [--disk-opts K=V,..] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
+[--first on|off] [--paired] [--lazy] [--busy N] [--no-cpu] [--counters] [--threads] [--disk-opts K=V,..] [--quiet-wait SECS] [--quiet-cores X] [key=value...]   (key=value: agent params n4k n256k nw4k warmup seed max_s)";
 
 /// Summary rows: agent fields, plus `l2init_ms` from the serial log.
 const METRICS: &[&str] = &[
@@ -94,6 +111,10 @@ struct Opts {
     busy: usize,
     /// Measure the VMM's CPU time per operation.
     cpu: bool,
+    /// Read the virtio-iommu's counters at the marks (Cloud Hypervisor).
+    counters: bool,
+    /// Read each VMM thread's CPU time at the marks.
+    threads: bool,
     params: Vec<String>,
 }
 
@@ -111,6 +132,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         lazy: false,
         busy: 0,
         cpu: true,
+        counters: false,
+        threads: false,
         params: Vec::new(),
     };
     let mut w = CliWords::new(args);
@@ -139,6 +162,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--lazy" => o.lazy = true,
             "--busy" => o.busy = w.number(a)? as usize,
             "--no-cpu" => o.cpu = false,
+            "--counters" => o.counters = true,
+            "--threads" => o.threads = true,
             "-h" | "--help" => return Err(String::new()),
             p if CliWords::is_agent_param(p) => o.params.push(p.to_string()),
             p => return Err(format!("unknown argument {p:?}")),
@@ -312,6 +337,11 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
     if o.cpu && !o.paired {
         s.vmm_cpu_marks = true;
         s.params.push("cpu_marks=1".into());
+        s.vmm_counters = o.counters;
+        s.vmm_threads = o.threads;
+        if o.counters || o.threads {
+            s.params.push("mark_ms=400".into());
+        }
     }
     let mut attempt = 0;
     let (out, wall, others) = loop {
@@ -382,6 +412,23 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
             ));
         }
         values.extend(cpu);
+    }
+    if o.threads {
+        let threads = thread_cpu_per_op(&out.vmm_thread_marks());
+        if threads.is_empty() {
+            return Err(format!("no L1-THREADS lines; {}", out.describe()));
+        }
+        values.extend(threads);
+    }
+    if o.counters && iommu {
+        let serving = serving_per_op(&out.vmm_counter_marks());
+        if serving.is_empty() {
+            return Err(format!(
+                "no L1-COUNTERS lines with IOMMU counters (is the VMM the fork, with patch 25?); {}",
+                out.describe()
+            ));
+        }
+        values.extend(serving);
     }
     let log = out.log_path.display().to_string();
     if !o.paired {
@@ -456,6 +503,189 @@ fn cpu_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
         }
     }
     out
+}
+
+/// The virtio-iommu counters [`serving_per_op`] reports, each divided by
+/// the stretch's operations, as `<stretch>_<name>`.
+const SERVING: &[(&str, &str)] = &[
+    ("requests", "iommu_req"),
+    ("replies_inline", "inline"),
+    ("replies_polled", "polled"),
+    ("replies_thread", "thread"),
+    ("thread_wakes", "wakes"),
+    ("poll_looks", "looks"),
+];
+
+/// Stretches measured with marks, in the agent's order.
+const STRETCHES: &[&str] = &["read4k", "read256k", "write4k", "qd32", "seq1m"];
+
+/// From the counters at the marks ([`Outcome::vmm_counter_marks`]), per
+/// stretch: each of [`SERVING`] per operation, and `<stretch>_poll_us`,
+/// the polling time spent in looks that published, per polled reply.
+fn serving_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
+    let num = |m: &HashMap<String, String>, k: &str| m.get(k).and_then(|v| v.parse::<f64>().ok());
+    let mut start: HashMap<&str, &HashMap<String, String>> = HashMap::new();
+    let mut out = HashMap::new();
+    for m in marks {
+        let (Some(name), Some(edge)) = (m.get("name"), m.get("edge")) else {
+            continue;
+        };
+        if num(m, "requests").is_none() {
+            continue;
+        }
+        if edge == "start" {
+            start.insert(name, m);
+            continue;
+        }
+        let (Some(m0), Some(ops)) = (start.get(name.as_str()), num(m, "ops")) else {
+            continue;
+        };
+        if ops <= 0.0 {
+            continue;
+        }
+        let delta = |k: &str| Some(num(m, k)? - num(m0, k)?);
+        for (counter, short) in SERVING {
+            if let Some(d) = delta(counter) {
+                out.insert(format!("{name}_{short}"), d / ops);
+            }
+        }
+        if let (Some(us), Some(polled)) = (delta("poll_serving_us"), delta("replies_polled")) {
+            if polled > 0.0 {
+                out.insert(format!("{name}_poll_us"), us / polled);
+            }
+        }
+    }
+    out
+}
+
+/// Prefix of [`thread_cpu_per_op`]'s keys after the stretch's name.
+const THREAD_KEY: &str = "_thread_cpu_us:";
+
+/// From the threads' CPU ticks at the marks ([`Outcome::vmm_thread_marks`]),
+/// per stretch and thread name (threads of one name summed): CPU
+/// microseconds per operation, as `<stretch>_thread_cpu_us:<name>`. A
+/// thread that started or ended inside the stretch counts from zero or
+/// not at all.
+fn thread_cpu_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
+    let by_name = |m: &HashMap<String, String>| -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for (k, v) in m {
+            if let (Some((name, _tid)), Ok(ticks)) = (k.rsplit_once('/'), v.parse::<u64>()) {
+                *out.entry(name.to_string()).or_default() += ticks;
+            }
+        }
+        out
+    };
+    let mut start: HashMap<&str, HashMap<String, u64>> = HashMap::new();
+    let mut out = HashMap::new();
+    for m in marks {
+        let (Some(name), Some(edge)) = (m.get("name"), m.get("edge")) else {
+            continue;
+        };
+        if edge == "start" {
+            start.insert(name, by_name(m));
+            continue;
+        }
+        let ops: u64 = m.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some(t0) = start.get(name.as_str()).filter(|_| ops > 0) else {
+            continue;
+        };
+        for (thread, ticks) in by_name(m) {
+            let before = t0.get(&thread).copied().unwrap_or(0);
+            let us = ticks.saturating_sub(before) as f64 * TICK_US / ops as f64;
+            out.insert(format!("{name}{THREAD_KEY}{thread}"), us);
+        }
+    }
+    out
+}
+
+/// Per stretch, each thread's [`thread_cpu_per_op`] figure, mean over the
+/// iommu=on and over the iommu=off boots, busiest first; empty without
+/// them.
+fn thread_summary(results: &[BootResult]) -> String {
+    let mut s = String::new();
+    for stretch in STRETCHES {
+        let prefix = format!("{stretch}{THREAD_KEY}");
+        let mut names: Vec<&str> = results
+            .iter()
+            .flat_map(|r| r.values.keys())
+            .filter_map(|k| k.strip_prefix(prefix.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let side = |name: &str, on: bool| -> Option<f64> {
+            let v: Vec<f64> = results
+                .iter()
+                .filter(|r| r.iommu == on)
+                .filter_map(|r| r.values.get(&format!("{prefix}{name}")).copied())
+                .collect();
+            mean(&v)
+        };
+        let mut rows: Vec<(&str, Option<f64>, Option<f64>)> = names
+            .into_iter()
+            .map(|n| (n, side(n, true), side(n, false)))
+            .filter(|(_, on, off)| on.unwrap_or(0.0) + off.unwrap_or(0.0) > 0.0)
+            .collect();
+        rows.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
+        if rows.is_empty() {
+            continue;
+        }
+        if s.is_empty() {
+            s.push_str(
+                "VMM CPU per operation by thread (µs; mean over boots; iommu=on | iommu=off):\n",
+            );
+        }
+        s.push_str(&format!("{stretch}:"));
+        for (name, on, off) in rows {
+            s.push_str(&format!(" {name} {} | {};", fmt_num(on), fmt_num(off)));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The iommu=on boots' [`serving_per_op`] figures, mean over boots, one
+/// row per stretch; empty without them.
+fn serving_summary(results: &[BootResult]) -> String {
+    let columns: Vec<&str> = SERVING
+        .iter()
+        .map(|(_, short)| *short)
+        .chain(["poll_us"])
+        .collect();
+    let mut s = String::new();
+    for stretch in STRETCHES {
+        let cells: Vec<Option<f64>> = columns
+            .iter()
+            .map(|c| {
+                let v: Vec<f64> = results
+                    .iter()
+                    .filter(|r| r.iommu)
+                    .filter_map(|r| r.values.get(&format!("{stretch}_{c}")).copied())
+                    .collect();
+                mean(&v)
+            })
+            .collect();
+        if cells.iter().all(Option::is_none) {
+            continue;
+        }
+        if s.is_empty() {
+            s.push_str(
+                "IOMMU serving per operation (iommu=on boots, mean; ch-remote counters; \
+                 poll_us = polling time in looks that published, per polled reply):\n",
+            );
+            s.push_str(&format!("{:<10}", "stretch"));
+            for c in &columns {
+                s.push_str(&format!(" {c:>9}"));
+            }
+            s.push('\n');
+        }
+        s.push_str(&format!("{stretch:<10}"));
+        for v in cells {
+            s.push_str(&format!(" {:>9}", fmt_num(v)));
+        }
+        s.push('\n');
+    }
+    s
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -585,6 +815,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if (o.counters || o.threads) && (!o.cpu || o.paired) {
+        eprintln!("guest-perf: --counters and --threads read at the CPU marks: not with --no-cpu or --paired");
+        return ExitCode::from(2);
+    }
     let bed = match Bed::get() {
         Ok(b) => b,
         Err(reason) => {
@@ -662,6 +896,8 @@ fn main() -> ExitCode {
     }
     println!();
     print!("{}", summary(&results));
+    print!("{}", serving_summary(&results));
+    print!("{}", thread_summary(&results));
     println!();
     println!("agent lines:");
     for r in &results {
@@ -749,6 +985,41 @@ mod tests {
         ]);
         assert_eq!(got.len(), 1);
         assert_eq!(got["read4k_cpu_us"], 500.0);
+    }
+
+    #[test]
+    fn serving_per_op_divides_each_counters_change_by_the_stretchs_operations() {
+        let line = |l: &str| guest_tests::parse_kv(l);
+        let got = serving_per_op(&[
+            line("L1-COUNTERS requests=100 replies_inline=10 replies_polled=90 replies_thread=0 \
+                  thread_wakes=10 poll_looks=1000 poll_serving_us=900 name=read4k edge=start ops=0"),
+            line("L1-COUNTERS requests=700 replies_inline=20 replies_polled=680 replies_thread=0 \
+                  thread_wakes=20 poll_looks=9000 poll_serving_us=12700 name=read4k edge=end ops=100"),
+            // Without the IOMMU's counters (an iommu=off boot): nothing.
+            line("L1-COUNTERS name=write4k edge=start ops=0"),
+            line("L1-COUNTERS name=write4k edge=end ops=50"),
+        ]);
+        assert_eq!(got["read4k_iommu_req"], 6.0);
+        assert_eq!(got["read4k_inline"], 0.1);
+        assert_eq!(got["read4k_polled"], 5.9);
+        assert_eq!(got["read4k_wakes"], 0.1);
+        assert_eq!(got["read4k_looks"], 80.0);
+        assert_eq!(got["read4k_poll_us"], 20.0);
+        assert!(!got.keys().any(|k| k.starts_with("write4k")), "{got:?}");
+    }
+
+    #[test]
+    fn thread_cpu_per_op_sums_the_threads_of_one_name() {
+        let line = |l: &str| guest_tests::parse_kv(l);
+        let got = thread_cpu_per_op(&[
+            line("L1-THREADS vmm/1=10 vcpu0/2=100 blk/3=5 blk/4=5 name=read4k edge=start ops=0"),
+            // Thread 5 started inside the stretch: it counts from zero.
+            line("L1-THREADS vmm/1=10 vcpu0/2=200 blk/3=15 blk/4=25 blk/5=10 name=read4k edge=end ops=100"),
+        ]);
+        assert_eq!(got["read4k_thread_cpu_us:vcpu0"], 10_000.0);
+        assert_eq!(got["read4k_thread_cpu_us:blk"], 4_000.0);
+        assert_eq!(got["read4k_thread_cpu_us:vmm"], 0.0);
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
