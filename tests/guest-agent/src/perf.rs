@@ -22,7 +22,8 @@
 //! by `AGENT-MARK name=<metric> edge=start|end ops=<operations>` lines,
 //! each followed by a pause of `mark_ms` (50 ms by default); L1, watching
 //! the console, answers each with the VMM's CPU time (guest-perf's
-//! `--cpu`), and with guest-perf's `--counters` with the IOMMU's counters.
+//! `--cpu`), and as guest-perf's `--counters` and `--threads` ask with
+//! the IOMMU's counters and each VMM thread's CPU time.
 //!
 //! Paired (`pair=<id>`): a second disk, which must be outside the IOMMU,
 //! takes every other operation with the same offsets, so that one boot

@@ -1047,14 +1047,14 @@ impl Bed {
                     if extra.is_empty() {
                         extra.push(":");
                     }
-                    let counters = extra.join("; ");
+                    let traces = extra.join("; ");
                     format!(
                         "( {} 2>&1; echo $? > /tmp/vmm-rc ) | while IFS= read -r l; do\n\
-                         case \"$l\" in *AGENT-MARK*edge=start*) {counters};; esac\n\
+                         case \"$l\" in *AGENT-MARK*edge=start*) {traces};; esac\n\
                          case \"$l\" in *AGENT-MARK*) \
                          set -- $(cut -d' ' -f14,15 /proc/$(pidof vmm)/stat 2>/dev/null); \
                          echo \"L1-CPU utime=$1 stime=$2 ${{l#*AGENT-MARK }}\";; esac\n\
-                         case \"$l\" in *AGENT-MARK*edge=end*) {counters};; esac\n\
+                         case \"$l\" in *AGENT-MARK*edge=end*) {traces};; esac\n\
                          printf '%s\\n' \"$l\"\n\
                          done\n\
                          rc=$(cat /tmp/vmm-rc)",
