@@ -491,17 +491,19 @@ impl Outcome {
     /// [`Scenario::vmm_counters`]): for every `L1-COUNTERS` line, its
     /// fields (`name`, `edge`, `ops` and one per counter).
     pub fn vmm_counter_marks(&self) -> Vec<HashMap<String, String>> {
-        self.lines_with("L1-COUNTERS ")
-            .into_iter()
-            .map(|l| parse_kv(&l))
-            .collect()
+        self.kv_lines_with("L1-COUNTERS ")
     }
 
     /// The VMM's threads' CPU ticks at each mark (see
     /// [`Scenario::vmm_threads`]): for every `L1-THREADS` line, its fields
     /// (`name`, `edge`, `ops` and `<comm>/<tid>` for each thread).
     pub fn vmm_thread_marks(&self) -> Vec<HashMap<String, String>> {
-        self.lines_with("L1-THREADS ")
+        self.kv_lines_with("L1-THREADS ")
+    }
+
+    /// The `key=value` fields of each line [`Outcome::lines_with`] `prefix`.
+    fn kv_lines_with(&self, prefix: &str) -> Vec<HashMap<String, String>> {
+        self.lines_with(prefix)
             .into_iter()
             .map(|l| parse_kv(&l))
             .collect()

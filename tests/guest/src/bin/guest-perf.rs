@@ -475,34 +475,58 @@ fn one_boot(bed: &Bed, o: &Opts, iommu: bool) -> Result<Vec<BootResult>, String>
 /// (100 on x86 whatever the kernel's HZ).
 const TICK_US: f64 = 10_000.0;
 
-/// `<name>_cpu_us` (VMM CPU microseconds per operation) for every stretch
-/// whose start and end marks L1 answered.
-fn cpu_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
-    let mut start: HashMap<&str, u64> = HashMap::new();
-    let mut out = HashMap::new();
+/// One measured stretch: the fields L1 printed at its start and end
+/// marks.
+struct Stretch<'a> {
+    name: &'a str,
+    start: &'a HashMap<String, String>,
+    end: &'a HashMap<String, String>,
+    /// Operations in the stretch (more than zero).
+    ops: u64,
+}
+
+/// The stretches whose start and end marks L1 answered, in order: each end
+/// mark with operations, paired with the last start mark of its name.
+fn stretches<'a>(marks: impl IntoIterator<Item = &'a HashMap<String, String>>) -> Vec<Stretch<'a>> {
+    let mut start: HashMap<&str, &HashMap<String, String>> = HashMap::new();
+    let mut out = Vec::new();
     for m in marks {
-        let (Some(name), Some(edge), Some(ticks)) = (
-            m.get("name"),
-            m.get("edge"),
-            m.get("cpu_ticks").and_then(|t| t.parse::<u64>().ok()),
-        ) else {
+        let (Some(name), Some(edge)) = (m.get("name"), m.get("edge")) else {
             continue;
         };
         match edge.as_str() {
             "start" => {
-                start.insert(name, ticks);
+                start.insert(name, m);
             }
             "end" => {
                 let ops: u64 = m.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0);
-                if let (Some(t0), true) = (start.get(name.as_str()), ops > 0) {
-                    let us = ticks.saturating_sub(*t0) as f64 * TICK_US / ops as f64;
-                    out.insert(format!("{name}_cpu_us"), us);
+                if let (Some(m0), true) = (start.get(name.as_str()), ops > 0) {
+                    out.push(Stretch {
+                        name,
+                        start: m0,
+                        end: m,
+                        ops,
+                    });
                 }
             }
             _ => {}
         }
     }
     out
+}
+
+/// `<name>_cpu_us` (VMM CPU microseconds per operation) for every stretch
+/// whose start and end marks L1 answered.
+fn cpu_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
+    let ticks = |m: &HashMap<String, String>| m.get("cpu_ticks")?.parse::<u64>().ok();
+    stretches(marks.iter().filter(|m| ticks(m).is_some()))
+        .into_iter()
+        .filter_map(|s| {
+            let (t0, t1) = (ticks(s.start)?, ticks(s.end)?);
+            let us = t1.saturating_sub(t0) as f64 * TICK_US / s.ops as f64;
+            Some((format!("{}_cpu_us", s.name), us))
+        })
+        .collect()
 }
 
 /// The virtio-iommu counters [`serving_per_op`] reports, each divided by
@@ -524,26 +548,10 @@ const STRETCHES: &[&str] = &["read4k", "read256k", "write4k", "qd32", "seq1m"];
 /// the polling time spent in looks that published, per polled reply.
 fn serving_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> {
     let num = |m: &HashMap<String, String>, k: &str| m.get(k).and_then(|v| v.parse::<f64>().ok());
-    let mut start: HashMap<&str, &HashMap<String, String>> = HashMap::new();
     let mut out = HashMap::new();
-    for m in marks {
-        let (Some(name), Some(edge)) = (m.get("name"), m.get("edge")) else {
-            continue;
-        };
-        if num(m, "requests").is_none() {
-            continue;
-        }
-        if edge == "start" {
-            start.insert(name, m);
-            continue;
-        }
-        let (Some(m0), Some(ops)) = (start.get(name.as_str()), num(m, "ops")) else {
-            continue;
-        };
-        if ops <= 0.0 {
-            continue;
-        }
-        let delta = |k: &str| Some(num(m, k)? - num(m0, k)?);
+    for s in stretches(marks.iter().filter(|m| num(m, "requests").is_some())) {
+        let (name, ops) = (s.name, s.ops as f64);
+        let delta = |k: &str| Some(num(s.end, k)? - num(s.start, k)?);
         for (counter, short) in SERVING {
             if let Some(d) = delta(counter) {
                 out.insert(format!("{name}_{short}"), d / ops);
@@ -576,24 +584,13 @@ fn thread_cpu_per_op(marks: &[HashMap<String, String>]) -> HashMap<String, f64> 
         }
         out
     };
-    let mut start: HashMap<&str, HashMap<String, u64>> = HashMap::new();
     let mut out = HashMap::new();
-    for m in marks {
-        let (Some(name), Some(edge)) = (m.get("name"), m.get("edge")) else {
-            continue;
-        };
-        if edge == "start" {
-            start.insert(name, by_name(m));
-            continue;
-        }
-        let ops: u64 = m.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let Some(t0) = start.get(name.as_str()).filter(|_| ops > 0) else {
-            continue;
-        };
-        for (thread, ticks) in by_name(m) {
+    for s in stretches(marks) {
+        let t0 = by_name(s.start);
+        for (thread, ticks) in by_name(s.end) {
             let before = t0.get(&thread).copied().unwrap_or(0);
-            let us = ticks.saturating_sub(before) as f64 * TICK_US / ops as f64;
-            out.insert(format!("{name}{THREAD_KEY}{thread}"), us);
+            let us = ticks.saturating_sub(before) as f64 * TICK_US / s.ops as f64;
+            out.insert(format!("{}{THREAD_KEY}{thread}", s.name), us);
         }
     }
     out
